@@ -1,0 +1,1 @@
+"""The ``cuttlefish-hf`` command line."""

@@ -1,0 +1,210 @@
+"""``CuttlefishConfig``: every knob of the method in one validated dataclass."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Union
+
+from .rank_rules import RANK_RULES, XI_REFERENCES
+
+__all__ = ["CuttlefishConfig", "MODES"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("cuttlefish", "pufferfish", "si_fd")
+CONFIG_NAME = "cuttlefish_config.json"
+# Mode-dependent defaults for fields left as None: (frobenius_decay, extra_bn, skip_first_blocks).
+MODE_DEFAULTS = {
+    "cuttlefish": (1e-4, False, 0),
+    "pufferfish": (0.0, True, 1),
+    "si_fd": (1e-4, False, 0),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class CuttlefishConfig:
+    """Configuration of Cuttlefish low-rank training (and the Pufferfish / SI&FD baselines).
+
+    Example:
+        >>> config = CuttlefishConfig(rank_rule="energy", energy_threshold=0.95)
+        >>> CuttlefishConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    mode: str = field(default="cuttlefish", metadata={"help": (
+        "'cuttlefish': switch to low rank when stable ranks settle, ranks from the rank rule; "
+        "'pufferfish': fixed rank ratio after a fixed warm-up, first blocks kept full-rank; "
+        "'si_fd': factorize at step 0 (spectral init) with Frobenius decay at a fixed rank ratio.")})
+    target_modules: Union[str, list[str], None] = field(default="auto", metadata={"help": (
+        "Modules to factorize. 'auto': Linear layers and k x k convs inside repeated blocks (never embeddings, "
+        "pooler or head). A string is a regex matched against the full module name; a list matches exact "
+        "names or name suffixes.")})
+    exclude_modules: Union[str, list[str], None] = field(default=None, metadata={"help": (
+        "Modules never factorized, same syntax as target_modules; checked first.")})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
+        "Fixed ranks for some layers: {regex or name suffix: rank}, overriding the rank rule.")})
+    rank_rule: str = field(default="scaled_stable_rank", metadata={"help": (
+        f"How a layer's rank is chosen at the switch: one of {RANK_RULES}.")})
+    xi_reference: str = field(default="auto", metadata={"help": (
+        "Where scaled_stable_rank takes srank(W_0) from: 'init' (snapshot at train begin, for training from "
+        "scratch), 'random_matrix' (a Gaussian matrix of the same shape, for pretrained weights) or 'auto' "
+        "(per layer: 'random_matrix' when the weight looks pretrained).")})
+    energy_threshold: float = field(default=0.9, metadata={"help": (
+        "For rank_rule='energy': keep the smallest rank holding this fraction of sum(sigma^2).")})
+    rank_ratio: float = field(default=0.25, metadata={"help": (
+        "For rank_rule='fixed_ratio' and the pufferfish / si_fd modes: rank = ceil(ratio * full_rank).")})
+    min_rank: int = field(default=1, metadata={"help": "Lower bound for every chosen rank."})
+    measure_every_steps: int | None = field(default=None, metadata={"help": (
+        "Measure stable ranks every N optimizer steps; None measures once per epoch.")})
+    window: int = field(default=5, metadata={"help": (
+        "Number of recent measurements whose mean rank change decides stability.")})
+    eps_relative: float = field(default=0.001, metadata={"help": (
+        "A layer is stable when its EMA-smoothed stable rank changes by at most eps_relative * full_rank per "
+        "measurement (0.001 = 0.384 ranks on a 384-wide layer).")})
+    ema_decay: float = field(default=0.5, metadata={"help": "EMA factor smoothing each stable-rank curve."})
+    min_warmup_measurements: int = field(default=2, metadata={"help": (
+        "Never switch before this many measurements.")})
+    max_warmup_fraction: float = field(default=0.5, metadata={"help": (
+        "Always switch once this fraction of the planned training steps is done (cuttlefish mode).")})
+    fixed_warmup_fraction: float = field(default=0.25, metadata={"help": (
+        "Pufferfish mode: switch after this fraction of the planned training steps.")})
+    skip_first_blocks: int | None = field(default=None, metadata={"help": (
+        "Keep the first K repeated blocks full-rank (None: 0, or 1 for pufferfish).")})
+    frobenius_decay: float | None = field(default=None, metadata={"help": (
+        "Frobenius decay coefficient on factors after the switch (None: 1e-4 for cuttlefish/si_fd, 0 for "
+        "pufferfish). Factors get no L2 weight decay when it is > 0.")})
+    extra_bn: bool | None = field(default=None, metadata={"help": (
+        "Insert a BatchNorm between the two convs of factorized Conv2d layers (None: True for pufferfish). "
+        "Mutually exclusive with Frobenius decay.")})
+    rewarmup_steps: int = field(default=0, metadata={"help": (
+        "After the switch, ramp the learning rate linearly from 0 back to the schedule over this many steps.")})
+    power_iterations: int = field(default=4, metadata={"help": (
+        "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
+    seed: int = field(default=0, metadata={"help": "Seed of the power-iteration start vectors."})
+
+    def __post_init__(self) -> None:
+        self._check_choice("mode", MODES)
+        self._check_choice("rank_rule", RANK_RULES)
+        self._check_choice("xi_reference", XI_REFERENCES)
+        for name in ("target_modules", "exclude_modules"):
+            self._check_patterns(name, getattr(self, name))
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"rank_pattern must be a dict {{regex or name suffix: rank}}, got {self.rank_pattern!r}.")
+        for pattern, rank in self.rank_pattern.items():
+            self._check_patterns("rank_pattern", pattern)
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive int rank, got {rank!r}.")
+        self._check_range("energy_threshold", 0.0, 1.0, low_open=True)
+        self._check_range("rank_ratio", 0.0, 1.0, low_open=True)
+        self._check_range("max_warmup_fraction", 0.0, 1.0, low_open=True)
+        self._check_range("fixed_warmup_fraction", 0.0, 1.0)
+        self._check_range("ema_decay", 0.0, 1.0, high_open=True)
+        for name in ("min_rank", "window", "min_warmup_measurements", "power_iterations"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if not _is_real(self.eps_relative) or not self.eps_relative >= 0:  # `not >=` also rejects NaN
+            raise ValueError(f"eps_relative must be a number >= 0, got {self.eps_relative!r}.")
+        if self.measure_every_steps is not None and (not _is_int(self.measure_every_steps)
+                                                      or self.measure_every_steps < 1):
+            raise ValueError(f"measure_every_steps must be an integer >= 1, or None to measure once per epoch; "
+                             f"got {self.measure_every_steps!r}.")
+        if not _is_int(self.rewarmup_steps) or self.rewarmup_steps < 0:
+            raise ValueError(f"rewarmup_steps must be an integer >= 0, got {self.rewarmup_steps!r}.")
+        if self.skip_first_blocks is not None and (not _is_int(self.skip_first_blocks) or self.skip_first_blocks < 0):
+            raise ValueError(f"skip_first_blocks must be an integer >= 0 (or None), got {self.skip_first_blocks!r}.")
+        if self.frobenius_decay is not None and (not _is_real(self.frobenius_decay) or not self.frobenius_decay >= 0):
+            raise ValueError(f"frobenius_decay must be a number >= 0 (or None for the mode's default), "
+                             f"got {self.frobenius_decay!r}.")
+        # Check the resolved values: pufferfish turns extra_bn on by default, so an explicit frobenius_decay > 0
+        # there conflicts too, not only an explicit extra_bn=True.
+        if self.resolved_extra_bn and self.resolved_frobenius_decay > 0:
+            raise ValueError("extra_bn and frobenius_decay are mutually exclusive (as in the reference code): "
+                             "set frobenius_decay=0 to use extra_bn, or extra_bn=False to use frobenius_decay"
+                             f" (mode={self.mode!r} defaults extra_bn to {MODE_DEFAULTS[self.mode][1]}).")
+
+    # -- resolved, mode-dependent values -------------------------------------------------------------
+    @property
+    def resolved_frobenius_decay(self) -> float:
+        if self.frobenius_decay is not None:
+            return self.frobenius_decay
+        return 0.0 if self.extra_bn else MODE_DEFAULTS[self.mode][0]
+
+    @property
+    def resolved_extra_bn(self) -> bool:
+        return MODE_DEFAULTS[self.mode][1] if self.extra_bn is None else self.extra_bn
+
+    @property
+    def resolved_skip_first_blocks(self) -> int:
+        return MODE_DEFAULTS[self.mode][2] if self.skip_first_blocks is None else self.skip_first_blocks
+
+    @property
+    def resolved_rank_rule(self) -> str:
+        return self.rank_rule if self.mode == "cuttlefish" else "fixed_ratio"
+
+    # -- validation helpers -----------------------------------------------------------------------------
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {choices}.")
+
+    def _check_range(self, name: str, low: float, high: float, low_open: bool = False,
+                     high_open: bool = False) -> None:
+        value = getattr(self, name)
+        ok = _is_real(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ValueError(f"{name} must be in {interval}, got {value!r}.")
+
+    @staticmethod
+    def _check_patterns(name: str, patterns: Any) -> None:
+        if patterns is None:
+            return
+        if isinstance(patterns, str):
+            try:
+                re.compile(patterns)
+            except re.error as error:
+                raise ValueError(f"{name}={patterns!r} is not a valid regular expression: {error}.") from None
+        elif not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
+            raise ValueError(f"{name} must be a regex string or a list of module names, got {patterns!r}.")
+
+    # -- serialization ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CuttlefishConfig:
+        """Build from a dict, ignoring (with a warning) keys written by newer versions."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown CuttlefishConfig keys (written by a newer version?): %s", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> CuttlefishConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"No {CONFIG_NAME} in {directory!s}; was it saved with config.save_pretrained()?")
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))

@@ -1,0 +1,297 @@
+"""``Cuttlefish``: the measure -> decide -> switch loop that every integration calls.
+
+Framework-neutral: a plain PyTorch or Accelerate loop calls :meth:`Cuttlefish.step_end` after each optimizer
+step and :meth:`Cuttlefish.epoch_end` after each epoch; the Trainer callback does the same from its events.
+
+Example (a custom loop)::
+
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=len(loader) * epochs,
+                            steps_per_epoch=len(loader))
+    controller.begin(optimizer, scheduler)
+    for epoch in range(epochs):
+        for batch in loader:
+            ...; optimizer.step(); scheduler.step(); step += 1
+            if controller.step_end(step, optimizer, scheduler):
+                model = accelerator.prepare(accelerator.unwrap_model(model))  # re-wrap DDP, if any
+        if controller.epoch_end(step, optimizer, scheduler):
+            model = accelerator.prepare(accelerator.unwrap_model(model))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CuttlefishConfig
+from .layers import FactorizedLayer, full_rank
+from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
+from .rank_rules import RankDecision, decide_ranks
+from .stable_rank import StableRankMeter, stable_ranks
+from .surgery import FactorizationReport, factorize_
+from .targeting import block_indices, find_targets, matches
+from .tracker import StableRankTracker
+
+__all__ = ["Cuttlefish", "SwitchResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SwitchResult:
+    """What the switch changed, for loops that need to rebuild something (e.g. a DDP wrapper)."""
+
+    step: int
+    report: FactorizationReport
+    decisions: list[RankDecision]
+    new_parameters: list[nn.Parameter] = field(default_factory=list)
+    removed_parameters: list[nn.Parameter] = field(default_factory=list)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (identity outside distributed runs)."""
+    if not _distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Cuttlefish:
+    """Runs Cuttlefish (or Pufferfish / SI&FD) on ``model``.
+
+    Args:
+        model: the unwrapped model (not a DDP wrapper).
+        config: the method's settings.
+        total_steps: planned optimizer steps, for ``max_warmup_fraction`` and Pufferfish's fixed warm-up.
+        steps_per_epoch: optimizer steps per epoch, to turn per-epoch measurement into a step count.
+        exclude_factors_from_weight_decay: put factors in a ``weight_decay=0`` optimizer group when
+            Frobenius decay is on (integrations that rebuild optimizers themselves may turn this off).
+    """
+
+    def __init__(self, model: nn.Module, config: CuttlefishConfig, *, total_steps: int | None = None,
+                 steps_per_epoch: int | None = None, exclude_factors_from_weight_decay: bool = True) -> None:
+        self.model = model
+        self.config = config
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.exclude_factors_from_weight_decay = exclude_factors_from_weight_decay
+        self.targets = self._select_targets()
+        modules = dict(model.named_modules())
+        self.full_ranks = {name: full_rank(modules[name]) for name in self.targets}
+        self.meter = StableRankMeter(n_iter=config.power_iterations, seed=config.seed)
+        self.tracker = StableRankTracker(
+            self.full_ranks, window=config.window, eps_relative=config.eps_relative, ema_decay=config.ema_decay,
+            min_measurements=config.min_warmup_measurements, max_measurements=self._max_measurements())
+        self.measured_steps: list[int] = []
+        self.init_stable_ranks: dict[str, float] | None = None
+        self.switch_step: int | None = None
+        self.report: FactorizationReport | None = None
+        self.decisions: list[RankDecision] = []
+        self.measure_seconds = 0.0
+        self.surgery_seconds = 0.0
+        self._hooks: list = []
+        self.log_level = logging.INFO  # integrations whose users see only warnings raise this
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _select_targets(self) -> list[str]:
+        config = self.config
+        targets = find_targets(self.model, config.target_modules, config.exclude_modules)
+        skip = config.resolved_skip_first_blocks
+        if skip:
+            blocks = block_indices(self.model, targets)
+            targets = [name for name in targets if blocks.get(name, skip) >= skip]
+        if not targets:
+            raise ValueError(f"No layer left to factorize after keeping the first {skip} blocks full-rank; "
+                             "lower skip_first_blocks or widen target_modules.")
+        return targets
+
+    def _measurement_period(self) -> int | None:
+        return self.config.measure_every_steps or self.steps_per_epoch
+
+    def _max_measurements(self) -> int | None:
+        period = self._measurement_period()
+        if self.total_steps is None or not period:
+            return None
+        return max(1, math.floor(self.config.max_warmup_fraction * self.total_steps / period))
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        modules = dict(self.model.named_modules())
+        return {name: modules[name].weight for name in self.targets}
+
+    @property
+    def switched(self) -> bool:
+        return self.switch_step is not None
+
+    def begin(self, optimizer=None, scheduler=None) -> SwitchResult | None:
+        """Call once before training: snapshots ``srank(W_0)``; SI&FD mode switches here (step 0)."""
+        if self.switched:
+            return None
+        if self.init_stable_ranks is None:
+            weights = self._weights()
+            self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
+        if self.config.mode == "si_fd":
+            return self.switch(0, optimizer, scheduler)
+        return None
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def measure(self) -> dict[str, float]:
+        """Measure every target's stable rank now (batched power iteration) and record it."""
+        start = time.perf_counter()
+        ranks = self.meter.measure(self._weights())
+        self.measure_seconds += time.perf_counter() - start
+        return ranks
+
+    def _due(self, step: int) -> bool:
+        mode = self.config.mode
+        if mode == "pufferfish":
+            return self.total_steps is not None and step >= self.config.fixed_warmup_fraction * self.total_steps
+        if mode == "cuttlefish":
+            return self.tracker.should_switch() or (
+                self.total_steps is not None and step >= self.config.max_warmup_fraction * self.total_steps)
+        return False
+
+    def _on_measurement_point(self, step: int, optimizer, scheduler) -> SwitchResult | None:
+        if self.switched:
+            return None
+        if self.init_stable_ranks is None:
+            self.begin()
+        self.tracker.update(self.measure())
+        self.measured_steps.append(step)
+        if _from_rank_zero(self._due(step)):
+            return self.switch(step, optimizer, scheduler)
+        return None
+
+    def step_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
+        """Call after each optimizer step (``step`` = optimizer steps done). Returns the switch, if it happened."""
+        if self.switched:
+            return None
+        if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
+            return self._on_measurement_point(step, optimizer, scheduler)
+        if self.config.mode == "pufferfish" and _from_rank_zero(self._due(step)):
+            return self.switch(step, optimizer, scheduler)
+        return None
+
+    def epoch_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
+        """Call after each epoch. Measures when measuring per epoch; returns the switch, if it happened."""
+        if self.switched or self.config.measure_every_steps:
+            return None
+        return self._on_measurement_point(step, optimizer, scheduler)
+
+    # -- the switch -----------------------------------------------------------------------------------
+    def decide(self) -> list[RankDecision]:
+        """Each target's rank under the config's rule, from exact singular values (rank 0's under DDP)."""
+        config = self.config
+        overrides = {}
+        for name in self.targets:
+            for pattern, rank in config.rank_pattern.items():
+                if matches(name, [pattern]) or matches(name, pattern):
+                    overrides[name] = rank
+        decisions = decide_ranks(
+            self._weights(), config.resolved_rank_rule, init_stable_ranks=self.init_stable_ranks,
+            xi_reference=config.xi_reference, energy=config.energy_threshold, ratio=config.rank_ratio,
+            min_rank=config.min_rank, rank_overrides=overrides)
+        return _from_rank_zero(decisions)
+
+    def switch(self, step: int, optimizer=None, scheduler=None) -> SwitchResult:
+        """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state."""
+        if self.switched:
+            raise RuntimeError("Cuttlefish already switched this model to low rank.")
+        start = time.perf_counter()
+        self.decisions = self.decide()
+        plan = {d.name: d.rank for d in self.decisions if d.factorize}
+        modules = dict(self.model.named_modules())
+        old = {name: modules[name].weight for name in plan}
+        self.report = factorize_(self.model, plan, extra_bn=self.config.resolved_extra_bn,
+                                 stable_ranks={d.name: d.stable_rank for d in self.decisions})
+        self.switch_step = step
+        result = self._finish_switch(step, optimizer, scheduler, old)
+        self.surgery_seconds = time.perf_counter() - start
+        logger.log(self.log_level, "Cuttlefish switched to low rank at step %d after %d measurements (%s mode, %s "
+                   "rule); measuring took %.2fs in all, the switch %.2fs.\n%s", step, len(self.measured_steps),
+                   self.config.mode, self.config.resolved_rank_rule, self.measure_seconds, self.surgery_seconds,
+                   self.report)
+        return result
+
+    def _factorized_modules(self) -> dict[str, FactorizedLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, FactorizedLayer)}
+
+    def _finish_switch(self, step: int, optimizer, scheduler, old: dict[str, nn.Parameter]) -> SwitchResult:
+        factorized = self._factorized_modules()
+        replacements = {old[name]: [factorized[name].first.weight, factorized[name].second.weight] for name in old}
+        replacements = {p: [q for q in new if q.requires_grad] for p, new in replacements.items()}
+        decay = self.config.resolved_frobenius_decay
+        if optimizer is not None:
+            replace_parameters_(optimizer, self.model, replacements, scheduler=scheduler,
+                                zero_weight_decay=decay > 0 and self.exclude_factors_from_weight_decay)
+            self.attach_hooks(optimizer)
+        new_parameters = [p for params in replacements.values() for p in params]
+        return SwitchResult(step, self.report, self.decisions, new_parameters, list(replacements))
+
+    def attach_hooks(self, optimizer) -> None:
+        """Attach Frobenius decay (and the optional re-warm-up) to ``optimizer`` (e.g. after a resume)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        decay = self.config.resolved_frobenius_decay
+        if decay > 0:
+            self._hooks.append(attach_frobenius_decay(optimizer, self._factorized_modules().values(), decay))
+        if self.config.rewarmup_steps:
+            self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps))
+
+    # -- reporting and checkpoints ----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary: switch point, plan, parameter counts and time spent."""
+        report = self.report
+        return {
+            "mode": self.config.mode,
+            "rank_rule": self.config.resolved_rank_rule,
+            "switch_step": self.switch_step,
+            "switch_epoch": None if self.switch_step is None or not self.steps_per_epoch
+            else self.switch_step / self.steps_per_epoch,
+            "measurements": len(self.measured_steps),
+            "plan": report.plan if report else {},
+            "xi_reference": {d.name: d.xi_reference for d in self.decisions if d.xi_reference},
+            "model_params_before": report.model_params_before if report else None,
+            "model_params_after": report.model_params_after if report else None,
+            "target_params_before": report.target_params_before if report else None,
+            "target_params_after": report.target_params_after if report else None,
+            "measure_seconds": self.measure_seconds,
+            "surgery_seconds": self.surgery_seconds,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": self.tracker.state_dict(),
+            "measured_steps": list(self.measured_steps),
+            "init_stable_ranks": self.init_stable_ranks,
+            "switch_step": self.switch_step,
+            "report": self.report.to_dict() if self.report else None,
+            "measure_seconds": self.measure_seconds,
+            "surgery_seconds": self.surgery_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore progress. After the switch, the model must already hold the factorized layers."""
+        self.tracker.load_state_dict(state["tracker"])
+        self.measured_steps = list(state["measured_steps"])
+        self.init_stable_ranks = state["init_stable_ranks"]
+        self.measure_seconds = state["measure_seconds"]
+        self.surgery_seconds = state["surgery_seconds"]
+        self.switch_step = state["switch_step"]
+        self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])
+        if self.report is not None:
+            present = {n: m.rank for n, m in self._factorized_modules().items()}
+            if present != self.report.plan:
+                raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
+                                 "checkpoint's weights into the model before restoring the controller.")

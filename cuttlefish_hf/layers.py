@@ -1,0 +1,196 @@
+"""Low-rank layers: ``W ~ (U sqrt(S)) (sqrt(S) V^T)`` as two chained layers, and Frobenius decay.
+
+``FactorizedLinear`` is ``Linear(in -> r, no bias)`` then ``Linear(r -> out, bias)``; ``FactorizedConv2d`` is a
+``k x k`` conv to ``r`` channels (stride, padding, dilation kept) then a ``1 x 1`` conv, with an optional
+BatchNorm between them (Pufferfish's extra BN). Both keep the original bias *Parameter object*, so an
+optimizer holding it keeps its state across the switch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+__all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "dense_shape", "full_rank"]
+
+
+def dense_shape(module: nn.Module) -> tuple[int, ...]:
+    """Weight shape of a dense Linear/Conv2d, or of the dense layer a factorized one replaced."""
+    if isinstance(module, FactorizedLinear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, FactorizedConv2d):
+        return (module.out_channels, module.in_channels, *module.first.kernel_size)
+    return tuple(module.weight.shape)
+
+
+def full_rank(module: nn.Module) -> int:
+    """``min(out, in*k*k)``: the largest rank a (factorized) Linear/Conv2d can have."""
+    shape = dense_shape(module)
+    return min(shape[0], math.prod(shape[1:]))
+
+
+def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, second)`` with ``second @ first`` the best rank-``rank`` approximation of ``matrix`` (fp32).
+
+    ``first = sqrt(S_r) V_r^T`` has shape ``(rank, n)``, ``second = U_r sqrt(S_r)`` shape ``(m, rank)``.
+    """
+    u, s, vh = torch.linalg.svd(matrix.detach().float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
+class FactorizedLayer(nn.Module):
+    """Shared behaviour of factorized layers: ``first`` then ``second``, merge, Frobenius decay."""
+
+    first: nn.Module
+    second: nn.Module
+    rank: int
+
+    def _first_matrix(self) -> torch.Tensor:
+        return self.first.weight.reshape(self.rank, -1)
+
+    def _second_matrix(self) -> torch.Tensor:
+        return self.second.weight.reshape(-1, self.rank)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense ``(out, in*k*k)`` matrix this layer computes, in fp32."""
+        return self._second_matrix().float() @ self._first_matrix().float()
+
+    @torch.no_grad()
+    def add_frobenius_decay_grad_(self, coefficient: float) -> None:
+        """Add the gradient of ``coefficient/2 * ||second @ first||_F^2`` to the factors' gradients.
+
+        Uses ``r x r`` products only: ``d first += c * (S^T S) F`` and ``d second += c * S (F F^T)``.
+        Factors that have no gradient yet (e.g. frozen) are left alone.
+        """
+        first, second = self._first_matrix(), self._second_matrix()
+        if self.first.weight.grad is None or self.second.weight.grad is None:
+            return
+        self.first.weight.grad.add_(((second.T @ second) @ first).reshape_as(self.first.weight), alpha=coefficient)
+        self.second.weight.grad.add_((second @ (first @ first.T)).reshape_as(self.second.weight), alpha=coefficient)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.middle(self.first(x)))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+class FactorizedLinear(FactorizedLayer):
+    """A rank-``r`` replacement for ``nn.Linear``.
+
+    Example:
+        >>> dense = nn.Linear(16, 8)
+        >>> low_rank = FactorizedLinear.from_linear(dense, rank=8)
+        >>> x = torch.randn(2, 16)
+        >>> torch.allclose(low_rank(x), dense(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a "
+                             f"{out_features}x{in_features} Linear, got {rank}.")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.middle = nn.Identity()
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> FactorizedLinear:
+        """SVD-initialized factors of ``linear`` (SVD in fp32, factors cast back to its dtype)."""
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
+        first, second = svd_factors(weight, rank)
+        with torch.no_grad():
+            layer.first.weight.copy_(first)
+            layer.second.weight.copy_(second)
+        layer.second.bias = linear.bias
+        layer.first.weight.requires_grad_(weight.requires_grad)
+        layer.second.weight.requires_grad_(weight.requires_grad)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """Merge the factors back into one dense ``nn.Linear`` (the bias Parameter is shared)."""
+        weight = self.first.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight())
+        linear.weight.requires_grad_(self.first.weight.requires_grad)
+        linear.bias = self.second.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class FactorizedConv2d(FactorizedLayer):
+    """A rank-``r`` replacement for ``nn.Conv2d``: ``k x k`` conv to ``r`` channels, then ``1 x 1``.
+
+    Example:
+        >>> dense = nn.Conv2d(4, 8, 3, padding=1)
+        >>> low_rank = FactorizedConv2d.from_conv(dense, rank=8)
+        >>> x = torch.randn(1, 4, 6, 6)
+        >>> torch.allclose(low_rank(x), dense(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, bias: bool = True, padding_mode: str = "zeros", extra_bn: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        # Validate before building the convs: nn.Conv2d with 0 or negative channels fails with an obscure error.
+        full_rank = min(out_channels, in_channels * math.prod(_pair(kernel_size)))
+        if not 1 <= rank <= full_rank:
+            raise ValueError(f"rank must be in [1, {full_rank}] for a Conv2d({in_channels}, {out_channels}, "
+                             f"kernel_size={tuple(_pair(kernel_size))}), got {rank}.")
+        first = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                          bias=False, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.first = first
+        self.middle = nn.BatchNorm2d(rank, device=device, dtype=dtype) if extra_bn else nn.Identity()
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int, extra_bn: bool = False) -> FactorizedConv2d:
+        """SVD-initialized factors of ``conv`` read as the ``(out, in*k*k)`` matrix."""
+        if conv.groups != 1:
+            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={conv.groups}); exclude it with "
+                             "`exclude_modules`.")
+        if isinstance(conv.padding, str) and conv.padding == "same" and conv.stride != (1, 1):
+            raise ValueError("padding='same' requires stride 1.")
+        weight = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode,
+                    extra_bn=extra_bn, device=weight.device, dtype=weight.dtype)
+        first, second = svd_factors(weight.reshape(weight.shape[0], -1), rank)
+        with torch.no_grad():
+            layer.first.weight.copy_(first.reshape_as(layer.first.weight))
+            layer.second.weight.copy_(second.reshape_as(layer.second.weight))
+        layer.second.bias = conv.bias
+        layer.first.weight.requires_grad_(weight.requires_grad)
+        layer.second.weight.requires_grad_(weight.requires_grad)
+        return layer
+
+    def to_conv(self) -> nn.Conv2d:
+        """Merge back into one dense ``nn.Conv2d`` (exact only without the extra BatchNorm)."""
+        if not isinstance(self.middle, nn.Identity):
+            raise ValueError("A FactorizedConv2d with an extra BatchNorm cannot be merged into one Conv2d.")
+        f = self.first
+        conv = nn.Conv2d(self.in_channels, self.out_channels, f.kernel_size, stride=f.stride, padding=f.padding,
+                         dilation=f.dilation, bias=False, padding_mode=f.padding_mode, device=f.weight.device,
+                         dtype=f.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.merged_weight().reshape_as(conv.weight))
+        conv.weight.requires_grad_(self.first.weight.requires_grad)
+        conv.bias = self.second.bias
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.first.kernel_size)}, "
+                f"stride={tuple(self.first.stride)}, rank={self.rank}")

@@ -1,0 +1,181 @@
+"""Model surgery: swap dense layers for factorized ones in place (``factorize_``) and back (``merge_``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear
+
+__all__ = ["LayerReport", "FactorizationReport", "factorize_", "merge_", "factorized_plan", "count_parameters"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer."""
+
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    params_before: int
+    params_after: int
+    stable_rank: float | None = None
+
+
+@dataclass
+class FactorizationReport:
+    """Per-layer results of :func:`factorize_`; ``print(report)`` shows a table with totals."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def plan(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    @property
+    def target_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def target_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [vars(layer) | {"shape": list(layer.shape)} for layer in self.layers],
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "target_params_before": self.target_params_before,
+            "target_params_after": self.target_params_after,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FactorizationReport:
+        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
+        return cls(layers, data["model_params_before"], data["model_params_after"])
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "stable rank", "rank", "params before", "params after")]
+        for layer in self.layers:
+            srank = "" if layer.stable_rank is None else f"{layer.stable_rank:.1f}"
+            rows.append((layer.name, "x".join(map(str, layer.shape)), srank, str(layer.rank),
+                         f"{layer.params_before:,}", f"{layer.params_after:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                           enumerate(zip(row, widths))) for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        ratio = self.model_params_before / max(self.model_params_after, 1)
+        lines.append(f"factorized layers: {self.target_params_before:,} -> {self.target_params_after:,} params; "
+                     f"model: {self.model_params_before:,} -> {self.model_params_after:,} params ({ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _factorized_from(module: nn.Module, rank: int, extra_bn: bool, init: str) -> FactorizedLayer:
+    if isinstance(module, nn.Linear):
+        if init == "svd":
+            return FactorizedLinear.from_linear(module, rank)
+        layer = FactorizedLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+                                 device=module.weight.device, dtype=module.weight.dtype)
+        return layer
+    if isinstance(module, nn.Conv2d):
+        if init == "svd":
+            return FactorizedConv2d.from_conv(module, rank, extra_bn=extra_bn)
+        if module.groups != 1:
+            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={module.groups}).")
+        return FactorizedConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
+                                stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                bias=module.bias is not None, padding_mode=module.padding_mode, extra_bn=extra_bn,
+                                device=module.weight.device, dtype=module.weight.dtype)
+    raise ValueError(f"Only nn.Linear and nn.Conv2d can be factorized, got {type(module).__name__}.")
+
+
+def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    unknown = [name for name in plan if name not in modules]
+    if unknown:
+        raise ValueError(f"The plan names modules this model does not have: {unknown[:5]}. Was it made for "
+                         "another architecture?")
+    for name, rank in plan.items():
+        module = modules[name]
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"Plan entry {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d "
+                             "can be factorized.")
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(f"Plan entry {name!r} is a grouped Conv2d (groups={module.groups}), which cannot be "
+                             "factorized; leave it out of the plan (e.g. with `exclude_modules`).")
+        full_rank = min(module.weight.shape[0], module.weight[0].numel())
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
+            raise ValueError(f"Rank {rank!r} for {name!r} does not fit its {tuple(module.weight.shape)} weight: "
+                             f"it must be an int in [1, {full_rank}].")
+    return {name: modules[name] for name in plan}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def factorize_(
+    model: nn.Module,
+    plan: Mapping[str, int],
+    *,
+    extra_bn: bool = False,
+    init: str = "svd",
+    stable_ranks: Mapping[str, float] | None = None,
+) -> FactorizationReport:
+    """Replace each ``{module name: rank}`` of ``plan`` with its low-rank factorization, in place.
+
+    ``init="svd"`` starts the factors from the truncated SVD of the dense weight (the default);
+    ``init="empty"`` only builds the architecture, for loading factorized weights into it afterwards.
+    The whole plan is checked before any module is touched.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> report = factorize_(model, {"0": 8})
+        >>> report.layers[0].params_after
+        1088
+    """
+    if init not in ("svd", "empty"):
+        raise ValueError(f"init must be 'svd' or 'empty', got {init!r}.")
+    modules = _check_plan(model, plan)
+    report = FactorizationReport(model_params_before=count_parameters(model))
+    for name, module in modules.items():
+        new = _factorized_from(module, plan[name], extra_bn, init)
+        _set_submodule(model, name, new)
+        report.layers.append(LayerReport(
+            name=name, shape=tuple(module.weight.shape), rank=plan[name],
+            params_before=count_parameters(module), params_after=count_parameters(new),
+            stable_rank=None if stable_ranks is None else stable_ranks.get(name)))
+    report.model_params_after = count_parameters(model)
+    return report
+
+
+def factorized_plan(model: nn.Module) -> dict[str, int]:
+    """``{module name: rank}`` of the factorized layers a model holds now."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+
+
+@torch.no_grad()
+def merge_(model: nn.Module) -> int:
+    """Fold every factorized layer back into a dense ``nn.Linear`` / ``nn.Conv2d``; returns how many."""
+    factorized = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
+    # Check everything first so a failure leaves the model untouched rather than half merged.
+    with_bn = [name for name, m in factorized if not isinstance(m.middle, nn.Identity)]
+    if with_bn:
+        raise ValueError(f"Factorized layers with an extra BatchNorm cannot be merged into one dense layer: "
+                         f"{with_bn[:5]}.")
+    for name, module in factorized:
+        dense = module.to_linear() if isinstance(module, FactorizedLinear) else module.to_conv()
+        _set_submodule(model, name, dense)
+    return len(factorized)

@@ -1,0 +1,132 @@
+"""CuttlefishCallback / CuttlefishTrainer inside a real ``Trainer.train()`` on a tiny BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KeywordDataset, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig, CuttlefishTrainer, factorized_plan
+from cuttlefish_hf.layers import FactorizedLayer
+from cuttlefish_hf.surgery import count_parameters
+
+FAST = dict(measure_every_steps=2, window=2, min_warmup_measurements=3, eps_relative=0.05, rank_rule="stable_rank")
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=4,
+                    learning_rate=2e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                    disable_tqdm=True, seed=0, data_seed=0)
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, **overrides):
+    model = tiny_bert()
+    args = training_args(tmp_path, **overrides)
+    if trainer_cls is CuttlefishTrainer:
+        trainer = CuttlefishTrainer(model=model, args=args, train_dataset=KeywordDataset(), cuttlefish_config=config)
+        callback = trainer.cuttlefish
+    else:
+        callback = CuttlefishCallback(config)
+        trainer = Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback])
+    trainer.train()
+    return trainer, callback
+
+
+def step_losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_switch_happens_during_train_and_training_goes_on(tmp_path):
+    trainer, callback = train(tmp_path, CuttlefishConfig(**FAST))
+    controller = callback.controller
+    assert controller.switched and 0 < controller.switch_step < trainer.state.max_steps
+    plan = factorized_plan(trainer.model)
+    assert plan and plan == controller.report.plan
+    assert count_parameters(trainer.model) == controller.report.model_params_after
+    expected_drop = sum(layer.params_before - layer.params_after for layer in controller.report.layers)
+    assert controller.report.model_params_before - controller.report.model_params_after == expected_drop > 0
+    losses = step_losses(trainer)
+    before = [loss for step, loss in losses.items() if step <= controller.switch_step]
+    after = [loss for step, loss in losses.items() if step > controller.switch_step]
+    assert len(after) > 5
+    assert sum(after) / len(after) < sum(before) / len(before)
+    summary = controller.summary()
+    assert summary["switch_step"] == controller.switch_step and summary["measure_seconds"] > 0
+
+
+def test_optimizer_state_and_learning_rate_survive_the_switch(tmp_path, monkeypatch):
+    seen = {}
+    original = Cuttlefish.switch
+
+    def spy(self, step, optimizer=None, scheduler=None):
+        inner = optimizer.optimizer
+        seen["before"] = {p: {k: v.clone() for k, v in inner.state[p].items()} for p in inner.state}
+        result = original(self, step, optimizer, scheduler)
+        seen["after"] = {p: {k: v.clone() for k, v in inner.state[p].items()} for p in inner.state}
+        seen["removed"] = result.removed_parameters
+        seen["lrs"] = [group["lr"] for group in inner.param_groups]
+        seen["schedule"] = scheduler.get_last_lr()
+        seen["step"] = step
+        return result
+
+    monkeypatch.setattr(Cuttlefish, "switch", spy)
+    trainer, _ = train(tmp_path, CuttlefishConfig(**FAST), weight_decay=0.01)
+    untouched = [p for p in seen["before"] if all(p is not r for r in seen["removed"])]
+    assert untouched and all(p not in seen["after"] for p in seen["removed"])
+    for p in untouched:
+        for key, value in seen["before"][p].items():
+            assert torch.equal(seen["after"][p][key], value)
+    # The linear schedule continues: lr = base * (1 - step / max_steps) in every group, the new one included.
+    expected = 2e-3 * (1 - seen["step"] / trainer.state.max_steps)
+    assert seen["lrs"] == pytest.approx([expected] * len(seen["lrs"]))
+    assert seen["schedule"] == pytest.approx([expected] * len(seen["lrs"]))
+    inner = trainer.optimizer.optimizer
+    factor_ids = {id(m.first.weight) for m in trainer.model.modules() if isinstance(m, FactorizedLayer)}
+    for group in inner.param_groups:  # factors are never under L2 weight decay while Frobenius decay is on
+        if any(id(p) in factor_ids for p in group["params"]):
+            assert group["weight_decay"] == 0.0
+
+
+def test_learning_rate_rewarmup_ramps_after_the_switch(tmp_path):
+    trainer, callback = train(tmp_path, CuttlefishConfig(**FAST, rewarmup_steps=4))
+    switch = callback.controller.switch_step
+    lrs = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
+    # Trainer logs the scheduler's value; the re-warm-up scales only the step itself, leaving the schedule intact.
+    assert lrs[switch + 1] == pytest.approx(2e-3 * (1 - (switch) / trainer.state.max_steps), rel=1e-4)
+
+
+def test_bf16_autocast_on_cpu_switches_and_trains(tmp_path):
+    trainer, callback = train(tmp_path, CuttlefishConfig(**FAST), bf16=True)
+    assert callback.controller.switched
+    losses = list(step_losses(trainer).values())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(m.first.weight.dtype == torch.float32 for m in trainer.model.modules() if isinstance(m, FactorizedLayer))
+
+
+@pytest.mark.parametrize("mode", ["pufferfish", "si_fd"])
+def test_baseline_modes(tmp_path, mode):
+    config = CuttlefishConfig(mode=mode, rank_ratio=0.25, fixed_warmup_fraction=0.25)
+    trainer, callback = train(tmp_path, config)
+    controller = callback.controller
+    if mode == "si_fd":
+        assert controller.switch_step == 0
+    else:
+        assert controller.switch_step == int(0.25 * trainer.state.max_steps)
+        assert not any(name.startswith("bert.encoder.layer.0.") for name in controller.report.plan)
+    assert controller.report.plan and set(controller.report.plan.values()) == {8}  # ceil(32 / 4): all are 32-wide
+
+
+def test_frobenius_decay_is_applied_after_the_switch(tmp_path):
+    with_decay, _ = train(tmp_path / "a", CuttlefishConfig(mode="si_fd", frobenius_decay=0.5))
+    without, _ = train(tmp_path / "b", CuttlefishConfig(mode="si_fd", frobenius_decay=0.0))
+    def factor_norm(model):
+        return sum(m.merged_weight().norm() for m in model.modules() if isinstance(m, FactorizedLayer))
+    assert factor_norm(with_decay.model) < 0.95 * factor_norm(without.model)
+
+
+def test_bad_setups_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="target_modules"):
+        train(tmp_path, CuttlefishConfig(target_modules=["no_such_layer"]))
