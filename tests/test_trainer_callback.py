@@ -130,3 +130,41 @@ def test_frobenius_decay_is_applied_after_the_switch(tmp_path):
 def test_bad_setups_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="target_modules"):
         train(tmp_path, CuttlefishConfig(target_modules=["no_such_layer"]))
+
+
+def run_with_checkpoints(tmp_path, name, resume_from=None, trainer_cls=Trainer, **overrides):
+    model = tiny_bert()
+    args = training_args(tmp_path, output_dir=str(tmp_path / name), save_strategy="steps", save_steps=4,
+                         **overrides)
+    config = CuttlefishConfig(**FAST)
+    if trainer_cls is CuttlefishTrainer:
+        trainer = CuttlefishTrainer(model=model, args=args, train_dataset=KeywordDataset(), cuttlefish_config=config)
+        callback = trainer.cuttlefish
+    else:
+        callback = CuttlefishCallback(config)
+        trainer = Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, callback
+
+
+@pytest.mark.parametrize("trainer_cls,overrides", [(Trainer, {}), (CuttlefishTrainer, {"weight_decay": 0.01})])
+def test_kill_and_resume_before_and_after_the_switch(tmp_path, trainer_cls, overrides):
+    full, full_callback = run_with_checkpoints(tmp_path, "full", trainer_cls=trainer_cls, **overrides)
+    switch = full_callback.controller.switch_step
+    assert 4 < switch < 12  # checkpoint-4 is before the switch, checkpoint-12 after it
+    reference = full.model.state_dict()
+    for checkpoint in ("checkpoint-4", "checkpoint-12"):
+        resumed, callback = run_with_checkpoints(tmp_path, "full", resume_from=str(tmp_path / "full" / checkpoint),
+                                                 trainer_cls=trainer_cls, **overrides)
+        assert callback.controller.switch_step == switch
+        assert factorized_plan(resumed.model) == factorized_plan(full.model)
+        state = resumed.model.state_dict()
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=f"{checkpoint}: {key}")
+
+
+def test_plain_trainer_refuses_a_resume_it_cannot_honour(tmp_path):
+    run_with_checkpoints(tmp_path, "run", weight_decay=0.01)
+    with pytest.raises(ValueError, match="CuttlefishTrainer"):
+        run_with_checkpoints(tmp_path, "run", resume_from=str(tmp_path / "run" / "checkpoint-12"), weight_decay=0.01)

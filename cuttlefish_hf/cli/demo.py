@@ -24,7 +24,7 @@ HELP = "vanilla vs Cuttlefish on scikit-learn's digits with a small ViT (offline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (default: 30)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs per run (default: 40)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: 2e-3)")
     parser.add_argument("--width", type=int, default=96, help="ViT embedding width (default: 96)")
