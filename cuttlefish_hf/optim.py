@@ -21,9 +21,15 @@ __all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside wrappers such as Accelerate's ``AcceleratedOptimizer``."""
-    # AcceleratedOptimizer subclasses Optimizer yet holds its state and hooks in ``.optimizer``.
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    # AcceleratedOptimizer subclasses Optimizer yet holds its state and hooks in ``.optimizer``; plain
+    # (non-Optimizer) wrappers may also nest, so keep following ``.optimizer`` through those.
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) or (
+                inner is not None and inner is not optimizer and not isinstance(optimizer, torch.optim.Optimizer)):
+            optimizer = inner
+        else:
+            break
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"Expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}.")
     return optimizer

@@ -109,6 +109,11 @@ class StableRankMeter:
             sigma_max = torch.bmm(matrices, vectors.unsqueeze(-1)).squeeze(-1).norm(dim=1)
             frobenius_sq = matrices.square().sum(dim=(1, 2))
             ranks = frobenius_sq / sigma_max.square().clamp_min(torch.finfo(torch.float32).tiny)
+            # A zero matrix (e.g. a zero-initialized layer) collapses its vector to 0, and a zero start would
+            # stay 0 forever (sigma 0, stable rank inf) once the weight moves: store a neutral start instead.
+            # torch.where keeps this on the device, with no host sync.
+            norms = vectors.norm(dim=1, keepdim=True)
+            vectors = torch.where(norms > 0, vectors, torch.full_like(vectors, vectors.shape[1] ** -0.5))
             for name, vector in zip(group_names, vectors):
                 self._vectors[name] = vector
             per_group.append((group_names, ranks))

@@ -105,6 +105,11 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
     if unknown:
         raise ValueError(f"The plan names modules this model does not have: {unknown[:5]}. Was it made for "
                          "another architecture?")
+    inside = [name for name in plan if any(isinstance(modules.get(parent), FactorizedLayer)
+                                           for parent in _ancestors(name))]
+    if inside:
+        raise ValueError(f"The plan names layers inside already factorized layers: {inside[:5]}; a layer is "
+                         "factorized once (merge_ it first to change its rank).")
     for name, rank in plan.items():
         module = modules[name]
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -118,6 +123,11 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
             raise ValueError(f"Rank {rank!r} for {name!r} does not fit its {tuple(module.weight.shape)} weight: "
                              f"it must be an int in [1, {full_rank}].")
     return {name: modules[name] for name in plan}
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -219,3 +219,14 @@ def test_meter_forget_and_shape_change():
     meter.forget(["layer", "never-measured"])
     assert meter.measure({"layer": torch.eye(4)})["layer"] == pytest.approx(4.0, rel=1e-5)
     assert math.isfinite(meter.measure({"layer": torch.eye(4), "new": torch.eye(4)})["new"])
+
+
+def test_meter_recovers_after_zero_weight():
+    # A zero-initialized layer must not poison the warm start: its stable rank is finite once it moves.
+    meter = StableRankMeter(n_iter=4)
+    assert meter.measure({"z": torch.zeros(8, 8)})["z"] == 0.0
+    assert meter.measure({"z": torch.eye(8)})["z"] == pytest.approx(8.0, rel=1e-5)
+    weight = torch.diag(torch.tensor([4.0, 1.0, 1.0, 0.5]))
+    meter = StableRankMeter(n_iter=20)
+    meter.measure({"z": torch.zeros(4, 4)})
+    assert meter.measure({"z": weight})["z"] == pytest.approx(stable_rank(weight), rel=1e-4)

@@ -1,0 +1,175 @@
+"""Tests for cuttlefish_hf.config: validation, mode defaults and JSON round trips."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import fields
+
+import pytest
+
+from cuttlefish_hf.config import CONFIG_NAME, MODES, CuttlefishConfig
+from cuttlefish_hf.rank_rules import RANK_RULES
+
+
+def test_defaults_are_valid():
+    config = CuttlefishConfig()
+    assert config.mode == "cuttlefish"
+    assert config.rank_rule == "scaled_stable_rank"
+    assert config.target_modules == "auto"
+    assert config.rank_pattern == {}
+    assert MODES == ("cuttlefish", "pufferfish", "si_fd")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", RANK_RULES)
+def test_every_mode_and_rule_is_accepted(mode, rule):
+    assert CuttlefishConfig(mode=mode, rank_rule=rule).mode == mode
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,fix",
+    [
+        (dict(mode="lora"), "mode", "choose one of"),
+        (dict(rank_rule="svd"), "rank_rule", "choose one of"),
+        (dict(xi_reference="pretrained"), "xi_reference", "choose one of"),
+        (dict(target_modules="(query"), "target_modules", "not a valid regular expression"),
+        (dict(target_modules=["query", 3]), "target_modules", "regex string or a list of module names"),
+        (dict(exclude_modules="[pooler"), "exclude_modules", "not a valid regular expression"),
+        (dict(rank_pattern={"(query": 8}), "rank_pattern", "not a valid regular expression"),
+        (dict(rank_pattern={"query": 8.5}), "rank_pattern", "positive int"),
+        (dict(rank_pattern={"query": "8"}), "rank_pattern", "positive int"),
+        (dict(rank_pattern={"query": 0}), "rank_pattern", "positive int"),
+        (dict(rank_pattern={"query": True}), "rank_pattern", "positive int"),
+        (dict(rank_pattern=[("query", 8)]), "rank_pattern", "must be a dict"),
+        (dict(energy_threshold=0.0), "energy_threshold", "(0.0, 1.0]"),
+        (dict(energy_threshold=1.01), "energy_threshold", "(0.0, 1.0]"),
+        (dict(energy_threshold="0.9"), "energy_threshold", "(0.0, 1.0]"),
+        (dict(rank_ratio=0.0), "rank_ratio", "(0.0, 1.0]"),
+        (dict(rank_ratio=1.5), "rank_ratio", "(0.0, 1.0]"),
+        (dict(max_warmup_fraction=0.0), "max_warmup_fraction", "(0.0, 1.0]"),
+        (dict(fixed_warmup_fraction=-0.1), "fixed_warmup_fraction", "[0.0, 1.0]"),
+        (dict(ema_decay=1.0), "ema_decay", "[0.0, 1.0)"),
+        (dict(ema_decay=float("nan")), "ema_decay", "[0.0, 1.0)"),
+        (dict(eps_relative=-0.001), "eps_relative", ">= 0"),
+        (dict(eps_relative=float("nan")), "eps_relative", ">= 0"),
+        (dict(window=0), "window", "integer >= 1"),
+        (dict(window=2.5), "window", "integer >= 1"),
+        (dict(min_rank=0), "min_rank", "integer >= 1"),
+        (dict(min_warmup_measurements=0), "min_warmup_measurements", "integer >= 1"),
+        (dict(power_iterations=0), "power_iterations", "integer >= 1"),
+        (dict(measure_every_steps=0), "measure_every_steps", "integer >= 1, or None"),
+        (dict(measure_every_steps=2.5), "measure_every_steps", "integer >= 1, or None"),
+        (dict(rewarmup_steps=-1), "rewarmup_steps", "integer >= 0"),
+        (dict(skip_first_blocks=-1), "skip_first_blocks", "integer >= 0"),
+        (dict(frobenius_decay=-1e-4), "frobenius_decay", ">= 0"),
+        (dict(extra_bn=True, frobenius_decay=1e-4), "extra_bn and frobenius_decay", "set frobenius_decay=0"),
+        # pufferfish turns extra_bn on by default: an explicit Frobenius decay conflicts with it too.
+        (dict(mode="pufferfish", frobenius_decay=1e-4), "extra_bn and frobenius_decay", "extra_bn=False"),
+    ],
+)
+def test_bad_values_raise_naming_field_and_fix(kwargs, field, fix):
+    with pytest.raises(ValueError) as info:
+        CuttlefishConfig(**kwargs)
+    message = str(info.value)
+    assert field in message
+    assert fix in message
+
+
+def test_compatible_extra_bn_and_decay_combinations():
+    assert CuttlefishConfig(extra_bn=True, frobenius_decay=0.0).resolved_extra_bn
+    assert CuttlefishConfig(mode="pufferfish", extra_bn=False, frobenius_decay=1e-4).resolved_frobenius_decay == 1e-4
+
+
+def test_valid_edge_values():
+    config = CuttlefishConfig(energy_threshold=1.0, rank_ratio=1.0, eps_relative=0.0, ema_decay=0.0,
+                              fixed_warmup_fraction=0.0, max_warmup_fraction=1.0, measure_every_steps=1,
+                              skip_first_blocks=0, target_modules=None, exclude_modules=["pooler"],
+                              rank_pattern={r"attention\.self\.(query|key)$": 8})
+    assert config.rank_pattern == {r"attention\.self\.(query|key)$": 8}
+
+
+@pytest.mark.parametrize(
+    "mode,frobenius,extra_bn,skip,rule",
+    [
+        ("cuttlefish", 1e-4, False, 0, "scaled_stable_rank"),
+        ("pufferfish", 0.0, True, 1, "fixed_ratio"),
+        ("si_fd", 1e-4, False, 0, "fixed_ratio"),
+    ],
+)
+def test_resolved_mode_defaults(mode, frobenius, extra_bn, skip, rule):
+    config = CuttlefishConfig(mode=mode)
+    assert config.resolved_frobenius_decay == frobenius
+    assert config.resolved_extra_bn is extra_bn
+    assert config.resolved_skip_first_blocks == skip
+    assert config.resolved_rank_rule == rule
+    assert (config.frobenius_decay, config.extra_bn, config.skip_first_blocks) == (None, None, None)
+
+
+def test_resolved_explicit_values_win():
+    config = CuttlefishConfig(mode="pufferfish", extra_bn=False, skip_first_blocks=3, rank_rule="energy")
+    assert config.resolved_extra_bn is False
+    assert config.resolved_skip_first_blocks == 3
+    assert config.resolved_rank_rule == "fixed_ratio"  # pufferfish always uses the fixed ratio
+    assert CuttlefishConfig(extra_bn=True).resolved_frobenius_decay == 0.0  # extra BN turns decay off
+    assert CuttlefishConfig(frobenius_decay=3e-4).resolved_frobenius_decay == 3e-4
+    assert CuttlefishConfig(rank_rule="energy").resolved_rank_rule == "energy"
+
+
+def _non_default() -> CuttlefishConfig:
+    return CuttlefishConfig(mode="cuttlefish", target_modules=["query", "value"], exclude_modules=r".*pooler.*",
+                            rank_pattern={"intermediate.dense": 48}, rank_rule="energy", energy_threshold=0.95,
+                            measure_every_steps=50, window=3, eps_relative=0.002, rewarmup_steps=10, seed=7,
+                            frobenius_decay=0.0, extra_bn=True)
+
+
+def test_json_round_trip():
+    config = _non_default()
+    text = config.to_json_string()
+    assert text.endswith("\n")
+    data = json.loads(text)
+    assert set(data) == {f.name for f in fields(CuttlefishConfig)}
+    assert data["rank_pattern"] == {"intermediate.dense": 48}
+    again = CuttlefishConfig.from_dict(data)
+    assert again == config
+    assert again.to_json_string() == text
+    assert CuttlefishConfig.from_dict(CuttlefishConfig().to_dict()) == CuttlefishConfig()
+
+
+def test_save_and_load_pretrained(tmp_path):
+    config = _non_default()
+    path = config.save_pretrained(tmp_path / "run" / "nested")
+    assert os.path.basename(path) == CONFIG_NAME and os.path.isfile(path)
+    assert CuttlefishConfig.from_pretrained(tmp_path / "run" / "nested") == config
+    assert CuttlefishConfig.from_pretrained(str(tmp_path / "run" / "nested")) == config
+
+
+def test_from_pretrained_missing_raises(tmp_path):
+    with pytest.raises(ValueError, match=CONFIG_NAME):
+        CuttlefishConfig.from_pretrained(tmp_path)
+
+
+def test_unknown_keys_ignored_with_warning(tmp_path, caplog):
+    data = CuttlefishConfig(window=4).to_dict() | {"future_knob": 1, "another": "x"}
+    with caplog.at_level(logging.WARNING, logger="cuttlefish_hf.config"):
+        config = CuttlefishConfig.from_dict(data)
+    assert config == CuttlefishConfig(window=4)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "future_knob" in warnings[0].getMessage() and "another" in warnings[0].getMessage()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cuttlefish_hf.config"):
+        assert CuttlefishConfig.from_pretrained(tmp_path) == CuttlefishConfig(window=4)
+    assert "future_knob" in caplog.text
+
+
+def test_from_dict_validates():
+    with pytest.raises(ValueError, match="window"):
+        CuttlefishConfig.from_dict({"window": 0})
+
+
+def test_every_field_has_help():
+    for f in fields(CuttlefishConfig):
+        assert f.metadata.get("help"), f.name
