@@ -6,6 +6,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from . import hub  # registers the "cuttlefish" loader with transformers' auto classes
 from .config import CuttlefishConfig
 from .controller import Cuttlefish, SwitchResult
 from .layers import FactorizedConv2d, FactorizedLinear

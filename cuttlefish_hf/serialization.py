@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .surgery import factorize_
 
-__all__ = ["plan_from_state_dict", "factorize_for_state_dict_"]
+__all__ = ["plan_from_state_dict", "factorize_for_state_dict_", "factor_ranks"]
 
 _FIRST = ".first.weight"
 
@@ -38,3 +38,18 @@ def factorize_for_state_dict_(model: nn.Module, state_dict: Mapping[str, torch.T
     if plan:
         factorize_(model, plan, extra_bn=extra_bn or saved_extra_bn, init="empty")
     return bool(plan)
+
+
+def factor_ranks(shapes: Mapping[str, Sequence[int]]) -> tuple[dict[str, int], bool]:
+    """``({name: rank}, extra_bn)`` read from the tensor shapes of a saved state dict, without a model.
+
+    A factorized layer is a ``<name>.first.weight`` with a ``<name>.second.weight`` beside it; names are as saved
+    (a loader may rename them), and the rank is the first dimension of ``first``.
+    """
+    ranks, extra_bn = {}, False
+    for key, shape in shapes.items():
+        if key.endswith(_FIRST) and f"{key[: -len(_FIRST)]}.second.weight" in shapes:
+            name = key[: -len(_FIRST)]
+            ranks[name] = int(shape[0])
+            extra_bn = extra_bn or f"{name}.middle.running_mean" in shapes
+    return ranks, extra_bn

@@ -168,3 +168,17 @@ def test_plain_trainer_refuses_a_resume_it_cannot_honour(tmp_path):
     run_with_checkpoints(tmp_path, "run", weight_decay=0.01)
     with pytest.raises(ValueError, match="CuttlefishTrainer"):
         run_with_checkpoints(tmp_path, "run", resume_from=str(tmp_path / "run" / "checkpoint-12"), weight_decay=0.01)
+
+
+def test_saved_model_after_training_reloads_factorized_with_identical_logits(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    trainer, callback = train(tmp_path, CuttlefishConfig(**FAST))
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "final")).eval()
+    assert factorized_plan(reloaded) == callback.controller.report.plan
+    batch = KeywordDataset(size=4)[:4]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=batch["input_ids"]).logits,
+                                   model(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .. import hub
 from ..config import CuttlefishConfig
 from ..controller import Cuttlefish, SwitchResult
 from ..layers import FactorizedLayer
@@ -64,6 +65,7 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         def hook(module, state_dict, prefix, *_):
             if prefix == "" and factorize_for_state_dict_(module, state_dict, extra_bn=self.config.resolved_extra_bn):
                 self._check_resume_supported()
+                _record_plan(module)
 
         model.register_load_state_dict_pre_hook(hook)
 
@@ -120,8 +122,17 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self._after_switch(self.controller.epoch_end(state.global_step, optimizer, lr_scheduler))
 
     def _after_switch(self, result: SwitchResult | None) -> None:
-        if result is not None and self.trainer is not None:
+        if result is None:
+            return
+        _record_plan(self.controller.model)
+        if self.trainer is not None:
             self.trainer.cuttlefish_switched(result)
+
+
+def _record_plan(model: nn.Module) -> None:
+    """Make every later ``save_pretrained`` (Trainer checkpoints included) carry the factorization plan."""
+    if isinstance(model, PreTrainedModel):
+        hub.record_plan_(model)
 
 
 class CuttlefishTrainer(Trainer):
@@ -156,6 +167,15 @@ class CuttlefishTrainer(Trainer):
             ddp_kwargs["device_ids"] = [self.args.local_rank]
         self._cuttlefish_wrapped = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
         self.model_wrapped = self._cuttlefish_wrapped
+
+    def create_model_card(self, **kwargs):
+        """Trainer's card plus the Cuttlefish section: factorization table, totals, how it was trained."""
+        super().create_model_card(**kwargs)
+        controller = self.cuttlefish.controller
+        if self.is_world_process_zero() and controller is not None and controller.switched:
+            summary = controller.summary()
+            notes = {key: summary[key] for key in ("mode", "rank_rule", "switch_step", "switch_epoch")}
+            hub.write_model_card(self.model, self.args.output_dir, notes, repo_id=self.hub_model_id)
 
     def _current_model(self, model: nn.Module) -> nn.Module:
         return self._cuttlefish_wrapped if self._cuttlefish_wrapped is not None else model
