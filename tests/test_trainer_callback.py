@@ -182,3 +182,23 @@ def test_saved_model_after_training_reloads_factorized_with_identical_logits(tmp
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch["input_ids"]).logits,
                                    model(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
+
+
+def test_cuttlefish_trainer_logs_per_layer_curves_to_integrations_not_the_console(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.keys = set()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.keys.update(logs)
+
+    recorder = Recorder()
+    trainer = CuttlefishTrainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=KeywordDataset(),
+                                cuttlefish_config=CuttlefishConfig(**FAST), callbacks=[recorder])
+    trainer.train()
+    layer = "cuttlefish/stable_rank/bert.encoder.layer.0.attention.self.query"
+    assert layer in recorder.keys and "cuttlefish/unstable_layers" in recorder.keys
+    history_keys = {key for entry in trainer.state.log_history for key in entry}
+    assert "cuttlefish/stable_rank_fraction" in history_keys and layer not in history_keys

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_callback import ExportableState
 
 from .. import hub
@@ -116,10 +117,18 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
                              "CuttlefishTrainer(..., cuttlefish_config=config) instead of Trainer(callbacks=[...]).")
 
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        measured = len(self.controller.measured_steps)
         self._after_switch(self.controller.step_end(state.global_step, optimizer, lr_scheduler))
+        self._after_measurement(measured)
 
     def on_epoch_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        measured = len(self.controller.measured_steps)
         self._after_switch(self.controller.epoch_end(state.global_step, optimizer, lr_scheduler))
+        self._after_measurement(measured)
+
+    def _after_measurement(self, measured_before: int) -> None:
+        if self.trainer is not None and len(self.controller.measured_steps) > measured_before:
+            self.trainer.cuttlefish_measured(self.controller)
 
     def _after_switch(self, result: SwitchResult | None) -> None:
         if result is None:
@@ -167,6 +176,22 @@ class CuttlefishTrainer(Trainer):
             ddp_kwargs["device_ids"] = [self.args.local_rank]
         self._cuttlefish_wrapped = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
         self.model_wrapped = self._cuttlefish_wrapped
+
+    def cuttlefish_measured(self, controller: Cuttlefish) -> None:
+        """Log a measurement: two summary scalars everywhere, per-layer curves only to ``report_to`` integrations.
+
+        The per-layer values (one ``cuttlefish/stable_rank/<layer>`` scalar each) skip the console printers so a
+        72-layer model does not flood the terminal, and stay out of ``state.log_history``.
+        """
+        tracker = controller.tracker
+        latest = {name: values[-1] for name, values in tracker.history.items()}
+        fraction = sum(value / tracker.full_ranks[name] for name, value in latest.items()) / len(latest)
+        self.log({"cuttlefish/stable_rank_fraction": fraction,
+                  "cuttlefish/unstable_layers": len(tracker.unstable_layers())})
+        per_layer = {f"cuttlefish/stable_rank/{name}": value for name, value in latest.items()}
+        for callback in self.callback_handler.callbacks:
+            if not isinstance(callback, (ProgressCallback, PrinterCallback)):
+                callback.on_log(self.args, self.state, self.control, logs=per_layer)
 
     def create_model_card(self, **kwargs):
         """Trainer's card plus the Cuttlefish section: factorization table, totals, how it was trained."""
