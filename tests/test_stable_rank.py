@@ -10,15 +10,6 @@ import torch
 from cuttlefish_hf.stable_rank import StableRankMeter, as_matrix, singular_values, stable_rank, stable_ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids multi-second MKL/OpenMP stalls when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
