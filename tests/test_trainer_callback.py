@@ -202,3 +202,18 @@ def test_cuttlefish_trainer_logs_per_layer_curves_to_integrations_not_the_consol
     assert layer in recorder.keys and "cuttlefish/unstable_layers" in recorder.keys
     history_keys = {key for entry in trainer.state.log_history for key in entry}
     assert "cuttlefish/stable_rank_fraction" in history_keys and layer not in history_keys
+
+
+@pytest.mark.parametrize("flag,value", [("fsdp", "full_shard"), ("deepspeed", "ds_config.json")])
+def test_fsdp_and_deepspeed_are_refused_at_train_begin(tmp_path, flag, value):
+    args = training_args(tmp_path)
+    object.__setattr__(args, flag, value)  # set after construction: the real backends are not installed here
+    with pytest.raises(ValueError, match=f"does not support {'FSDP' if flag == 'fsdp' else 'DeepSpeed'}"):
+        CuttlefishCallback(CuttlefishConfig()).on_train_begin(args, None, None, model=tiny_bert())
+
+
+def test_plain_callback_refuses_multi_process_training(tmp_path, monkeypatch):
+    args = training_args(tmp_path)
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="use CuttlefishTrainer"):
+        CuttlefishCallback(CuttlefishConfig()).on_train_begin(args, None, None, model=tiny_bert())

@@ -106,10 +106,10 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self._after_switch(self.controller.begin(optimizer, lr_scheduler))
 
     def _check_setup(self, args) -> None:
-        if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+        if args.fsdp:
             raise ValueError("Cuttlefish does not support FSDP yet: train without --fsdp (DDP works with "
                              "CuttlefishTrainer).")
-        if getattr(args, "deepspeed", None):
+        if args.deepspeed:
             raise ValueError("Cuttlefish does not support DeepSpeed yet: train without --deepspeed (DDP works "
                              "with CuttlefishTrainer).")
         if args.world_size > 1 and self.trainer is None:
