@@ -1,0 +1,143 @@
+"""Step time before and after the Cuttlefish switch inside ``Trainer``, on random-init BERT-base / DeiT-small sizes.
+
+Measures, in one run, the median optimizer-step time of the dense model and of the factorized model after the
+switch, the rank-measurement overhead, and the FLOP-ideal speedup of the factorized layers. Synthetic data; no
+downloads. CUDA timings synchronize around every step.
+
+    python benchmarks/step_time.py --model bert-base --device cpu --steps 40
+    python benchmarks/step_time.py --model deit-small --device cuda --dtype bf16 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import TrainerCallback, TrainingArguments
+
+from cuttlefish_hf import CuttlefishConfig, CuttlefishTrainer
+from cuttlefish_hf.surgery import count_parameters
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (CUDA-synchronized)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def build(model_name: str, batch: int):
+    """A random-init model and a synthetic dataset of the right shape."""
+    if model_name == "bert-base":
+        config = transformers.BertConfig(num_labels=2)  # 12 x 768, the BERT-base shape
+        model = transformers.BertForSequenceClassification(config)
+        seq = 128
+        data = [{"input_ids": torch.randint(0, config.vocab_size, (seq,)), "labels": torch.tensor(i % 2)}
+                for i in range(batch * 4)]
+        return model, data, batch * seq
+    if model_name == "deit-small":
+        import timm
+
+        model = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10)
+
+        class Wrapper(torch.nn.Module):  # Trainer wants a loss from the model
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, pixel_values, labels):
+                logits = self.inner(pixel_values)
+                return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+        data = [{"pixel_values": torch.randn(3, 224, 224), "labels": torch.tensor(i % 10)} for i in range(batch * 4)]
+        return Wrapper(model), data, batch * 197
+    raise ValueError(f"unknown --model {model_name!r}; choose bert-base or deit-small")
+
+
+def flop_ideal_speedup(report) -> float:
+    dense = sum(layer.params_before for layer in report.layers)
+    factorized = sum(layer.params_after for layer in report.layers)
+    return dense / factorized
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bert-base", choices=["bert-base", "deit-small"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40, help="total optimizer steps; the switch is at 40%%")
+    parser.add_argument("--rank-ratio", type=float, default=0.25, help="fixed rank ratio (pufferfish mode)")
+    parser.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/step_time_...)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, data, tokens = build(args.model, args.batch_size)
+    params_before = count_parameters(model)
+    config = CuttlefishConfig(mode="pufferfish", rank_ratio=args.rank_ratio, fixed_warmup_fraction=0.4,
+                              skip_first_blocks=0, measure_every_steps=max(1, args.steps // 10), extra_bn=False)
+    training = TrainingArguments(
+        "/tmp/cuttlefish-step-time", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=1e-4, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10 ** 6,
+        use_cpu=args.device == "cpu", bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", dataloader_num_workers=0)
+    timer = StepTimer()
+    trainer = CuttlefishTrainer(model=model, args=training, train_dataset=data, cuttlefish_config=config,
+                                callbacks=[timer])
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    controller = trainer.cuttlefish.controller
+    switch = controller.switch_step
+    warm = 3  # skip allocator / autotuning warm-up on each side of the switch
+    dense_steps = timer.times[warm:switch]
+    low_rank_steps = timer.times[switch + warm:]
+    dense, low_rank = statistics.median(dense_steps), statistics.median(low_rank_steps)
+    ideal = flop_ideal_speedup(controller.report)
+    result = {
+        "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "tokens_per_batch": tokens,
+        "steps": args.steps, "switch_step": switch, "rank_ratio": args.rank_ratio,
+        "params_before": params_before, "params_after": count_parameters(trainer.model),
+        "dense_step_s": dense, "low_rank_step_s": low_rank, "step_speedup": dense / low_rank,
+        "targeted_layers_flop_ideal_speedup": ideal,
+        "measure_seconds": controller.measure_seconds, "surgery_seconds": controller.surgery_seconds,
+        "measurement_overhead_pct": 100 * controller.measure_seconds / total, "train_seconds": total,
+        "machine": machine(args.device),
+    }
+    output = args.output or os.path.join(os.path.dirname(__file__), "results",
+                                         f"step_time_{args.model}_{args.device}_{args.dtype}.json")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def machine(device: str) -> dict:
+    info = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+if __name__ == "__main__":
+    main()
