@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
+from .profiling import DEFAULT_TOKENS_PER_BATCH
 from .rank_rules import RANK_RULES, XI_REFERENCES
 
 __all__ = ["CuttlefishConfig", "MODES"]
@@ -16,6 +17,7 @@ __all__ = ["CuttlefishConfig", "MODES"]
 logger = logging.getLogger(__name__)
 
 MODES = ("cuttlefish", "pufferfish", "si_fd")
+PROFILE_DTYPES = (None, "float32", "float16", "bfloat16")
 CONFIG_NAME = "cuttlefish_config.json"
 # Mode-dependent defaults for fields left as None: (frobenius_decay, extra_bn, skip_first_blocks).
 MODE_DEFAULTS = {
@@ -80,8 +82,19 @@ class CuttlefishConfig:
         "Always switch once this fraction of the planned training steps is done (cuttlefish mode).")})
     fixed_warmup_fraction: float = field(default=0.25, metadata={"help": (
         "Pufferfish mode: switch after this fraction of the planned training steps.")})
-    skip_first_blocks: int | None = field(default=None, metadata={"help": (
-        "Keep the first K repeated blocks full-rank (None: 0, or 1 for pufferfish).")})
+    skip_first_blocks: int | str | None = field(default=None, metadata={"help": (
+        "Keep the first K repeated blocks full-rank (None: 0, or 1 for pufferfish). 'auto': at the switch, time "
+        "each planned layer dense and factorized on the training device and keep full-rank every layer whose "
+        "factorization is not faster by profile_margin (see cuttlefish_hf.profiling).")})
+    profile_margin: float = field(default=0.1, metadata={"help": (
+        "With skip_first_blocks='auto': a layer is factorized only when its factorized forward+backward takes at "
+        "most (1 - profile_margin) of the dense time.")})
+    profile_tokens_per_batch: int = field(default=DEFAULT_TOKENS_PER_BATCH, metadata={"help": (
+        "With skip_first_blocks='auto': tokens per batch the layers are timed with (batch size x sequence length, "
+        "or x patches for a ViT; for a conv, the spatial positions of its input). Set it to your run's.")})
+    profile_dtype: str | None = field(default=None, metadata={"help": (
+        "With skip_first_blocks='auto': 'float32', 'float16' or 'bfloat16', the dtype the layers compute in "
+        "(set it under mixed precision); None: the weights' dtype.")})
     frobenius_decay: float | None = field(default=None, metadata={"help": (
         "Frobenius decay coefficient on factors after the switch (None: 1e-4 for cuttlefish/si_fd, 0 for "
         "pufferfish). Factors get no L2 weight decay when it is > 0.")})
@@ -122,8 +135,15 @@ class CuttlefishConfig:
                              f"got {self.measure_every_steps!r}.")
         if not _is_int(self.rewarmup_steps) or self.rewarmup_steps < 0:
             raise ValueError(f"rewarmup_steps must be an integer >= 0, got {self.rewarmup_steps!r}.")
-        if self.skip_first_blocks is not None and (not _is_int(self.skip_first_blocks) or self.skip_first_blocks < 0):
-            raise ValueError(f"skip_first_blocks must be an integer >= 0 (or None), got {self.skip_first_blocks!r}.")
+        if self.skip_first_blocks not in (None, "auto") and (not _is_int(self.skip_first_blocks)
+                                                            or self.skip_first_blocks < 0):
+            raise ValueError(f"skip_first_blocks must be an integer >= 0, 'auto' (keep dense the layers that "
+                             f"factorizing does not speed up) or None; got {self.skip_first_blocks!r}.")
+        self._check_range("profile_margin", 0.0, 1.0, high_open=True)
+        if not _is_int(self.profile_tokens_per_batch) or self.profile_tokens_per_batch < 1:
+            raise ValueError(f"profile_tokens_per_batch must be an integer >= 1 (batch size x sequence length), "
+                             f"got {self.profile_tokens_per_batch!r}.")
+        self._check_choice("profile_dtype", PROFILE_DTYPES)
         if self.frobenius_decay is not None and (not _is_real(self.frobenius_decay) or not self.frobenius_decay >= 0):
             raise ValueError(f"frobenius_decay must be a number >= 0 (or None for the mode's default), "
                              f"got {self.frobenius_decay!r}.")
@@ -146,7 +166,8 @@ class CuttlefishConfig:
         return MODE_DEFAULTS[self.mode][1] if self.extra_bn is None else self.extra_bn
 
     @property
-    def resolved_skip_first_blocks(self) -> int:
+    def resolved_skip_first_blocks(self) -> int | str:
+        """Blocks kept full-rank by index, or 'auto' (decided by timing at the switch)."""
         return MODE_DEFAULTS[self.mode][2] if self.skip_first_blocks is None else self.skip_first_blocks
 
     @property

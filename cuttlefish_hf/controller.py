@@ -19,6 +19,7 @@ Example (a custom loop)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from torch import nn
 from .config import CuttlefishConfig
 from .layers import FactorizedLayer, full_rank
 from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
+from .profiling import ProfileReport, profile_layers
 from .rank_rules import RankDecision, decide_ranks
 from .stable_rank import StableRankMeter, stable_ranks
 from .surgery import FactorizationReport, factorize_
@@ -100,6 +102,8 @@ class Cuttlefish:
         self.decisions: list[RankDecision] = []
         self.measure_seconds = 0.0
         self.surgery_seconds = 0.0
+        self.profile_report: ProfileReport | None = None  # skip_first_blocks="auto": the timings (rank 0)
+        self.profile_seconds = 0.0
         self._hooks: list = []
         self.log_level = logging.INFO  # integrations whose users see only warnings raise this
 
@@ -108,7 +112,7 @@ class Cuttlefish:
         config = self.config
         targets = find_targets(self.model, config.target_modules, config.exclude_modules)
         skip = config.resolved_skip_first_blocks
-        if skip:
+        if skip != "auto" and skip:  # "auto" keeps layers dense at the switch, by timing them
             blocks = block_indices(self.model, targets)
             targets = [name for name in targets if blocks.get(name, skip) >= skip]
         if not targets:
@@ -209,6 +213,8 @@ class Cuttlefish:
             raise RuntimeError("Cuttlefish already switched this model to low rank.")
         start = time.perf_counter()
         self.decisions = self.decide()
+        if self.config.resolved_skip_first_blocks == "auto":
+            self.decisions = self._keep_slow_layers_dense(self.decisions)
         plan = {d.name: d.rank for d in self.decisions if d.factorize}
         modules = dict(self.model.named_modules())
         old = {name: modules[name].weight for name in plan}
@@ -217,11 +223,30 @@ class Cuttlefish:
         self.switch_step = step
         result = self._finish_switch(step, optimizer, scheduler, old)
         self.surgery_seconds = time.perf_counter() - start
-        logger.log(self.log_level, "Cuttlefish switched to low rank at step %d after %d measurements (%s mode, %s "
-                   "rule); measuring took %.2fs in all, the switch %.2fs.\n%s", step, len(self.measured_steps),
-                   self.config.mode, self.config.resolved_rank_rule, self.measure_seconds, self.surgery_seconds,
-                   self.report)
+        epoch = f" (epoch {step / self.steps_per_epoch:.2f})" if self.steps_per_epoch else ""
+        logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s after %d measurements (%s mode, %s "
+                   "rule); measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s", step, epoch,
+                   len(self.measured_steps), self.config.mode, self.config.resolved_rank_rule, self.measure_seconds,
+                   self.surgery_seconds, self.profile_seconds, self.report)
         return result
+
+    def _keep_slow_layers_dense(self, decisions: list[RankDecision]) -> list[RankDecision]:
+        """``skip_first_blocks="auto"``: time the planned layers (rank 0 only, under DDP) and mark the ones
+        whose factorization is not faster by ``profile_margin`` as staying dense."""
+        config = self.config
+        keep = None
+        if not _distributed() or torch.distributed.get_rank() == 0:
+            self.profile_report = profile_layers(
+                self.model, {d.name: d.rank for d in decisions if d.factorize},
+                tokens_per_batch=config.profile_tokens_per_batch, margin=config.profile_margin,
+                dtype=getattr(torch, config.profile_dtype) if config.profile_dtype else None,
+                extra_bn=config.resolved_extra_bn)
+            self.profile_seconds = self.profile_report.seconds
+            logger.log(self.log_level, "Cuttlefish timed the planned layers (skip_first_blocks='auto'):\n%s",
+                       self.profile_report)
+            keep = self.profile_report.keep_dense
+        keep = set(_from_rank_zero(keep))
+        return [dataclasses.replace(d, factorize=False) if d.name in keep else d for d in decisions]
 
     def _factorized_modules(self) -> dict[str, FactorizedLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, FactorizedLayer)}
@@ -268,6 +293,8 @@ class Cuttlefish:
             "target_params_after": report.target_params_after if report else None,
             "measure_seconds": self.measure_seconds,
             "surgery_seconds": self.surgery_seconds,
+            "profile_seconds": self.profile_seconds,
+            "profile_kept_dense": self.profile_report.keep_dense if self.profile_report else [],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -279,6 +306,7 @@ class Cuttlefish:
             "report": self.report.to_dict() if self.report else None,
             "measure_seconds": self.measure_seconds,
             "surgery_seconds": self.surgery_seconds,
+            "profile_seconds": self.profile_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -288,6 +316,7 @@ class Cuttlefish:
         self.init_stable_ranks = state["init_stable_ranks"]
         self.measure_seconds = state["measure_seconds"]
         self.surgery_seconds = state["surgery_seconds"]
+        self.profile_seconds = state.get("profile_seconds", 0.0)  # absent from checkpoints of older versions
         self.switch_step = state["switch_step"]
         self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])
         if self.report is not None:

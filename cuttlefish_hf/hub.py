@@ -178,8 +178,9 @@ class CuttlefishHfQuantizer(HfQuantizer):
         record = cuttlefish_record(model)
         if record["plan"]:
             vars(self.quantization_config).update(record)
-        else:
+        else:  # merged back to dense: no record, and no auto_map pointing at our loader (not written this time)
             self.remove_quantization_config(model)
+            forget_remote_code(model.config)
         return None, {}
 
     def _dequantize(self, model: PreTrainedModel, dtype=None) -> PreTrainedModel:
@@ -364,6 +365,17 @@ class Cuttlefish{arch}(transformers.{arch}):
                 layer = Factorized(self.get_submodule(name), rank, record.get("extra_bn", False))
                 setattr(self.get_submodule(parent) if parent else self, child, layer)
 '''
+
+
+def forget_remote_code(config: PreTrainedConfig) -> None:
+    """Drop the ``auto_map`` entries that point at ``modeling_cuttlefish.py`` (for a model merged back to dense)."""
+    stem = Path(REMOTE_CODE_FILE).stem
+    auto_map = getattr(config, "auto_map", None) or {}
+    kept = {name: target for name, target in auto_map.items() if not str(target).startswith(f"{stem}.")}
+    if kept:
+        config.auto_map = kept
+    elif auto_map:
+        del config.auto_map
 
 
 def write_remote_code(model: PreTrainedModel, folder: str | Path) -> Path | None:

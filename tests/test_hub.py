@@ -448,3 +448,14 @@ def test_checkpoint_config_round_trips_and_tolerates_newer_keys():
     config = CuttlefishCheckpointConfig.from_dict({"quant_method": "cuttlefish", "plan": {"a": 2}, "extra_bn": True,
                                                    "version": "9.0", "from_the_future": 1})
     assert config.to_dict() == {"quant_method": "cuttlefish", "plan": {"a": 2}, "extra_bn": True, "version": "9.0"}
+
+
+def test_merged_reload_saves_a_plain_folder_without_our_remote_code(tmp_path):
+    hub.save_pretrained(factorized(tiny_bert()), tmp_path / "factorized")
+    loaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "factorized")
+    merge_(loaded)
+    loaded.save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "auto_map" not in config and "quantization_config" not in config
+    dense = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense", trust_remote_code=True)
+    torch.testing.assert_close(logits(dense, text_input()), logits(loaded, text_input()))

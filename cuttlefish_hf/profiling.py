@@ -1,0 +1,269 @@
+"""Is a factorized layer faster? Time dense vs low-rank forward+backward on the real device and dtype.
+
+The paper keeps the first blocks full-rank because factorizing small early layers does not speed them up, and
+picks them with a small benchmark. We decide **per layer**: every candidate is timed as a dense layer and as its
+factorization at the planned rank, on synthetic inputs of the run's size, and a layer is kept dense unless its
+factorized form takes at most ``(1 - margin)`` of the dense time. Per layer rather than "the first K blocks"
+because a slow layer late in the network gains nothing from factorization either (see ``CUTTLEFISH.md`` 5).
+
+Each timing is a median over ``repeats`` after ``warmup`` calls; on CUDA every window is synchronized and holds
+enough calls to last about 2 ms, so launch overhead and timer resolution do not decide. Results are cached by
+``(device, dtype, layer, input shape, rank)``: equal layers (the 12 blocks of BERT) are measured once.
+
+Example:
+    >>> model = nn.Sequential(nn.Sequential(nn.Linear(1024, 1024)), nn.Sequential(nn.Linear(64, 64)))
+    >>> report = profile_layers(model, {"0.0": 64, "1.0": 16}, tokens_per_batch=2048)
+    >>> report.keep_dense  # the machine decides; print(report) shows the timings  # doctest: +SKIP
+    ['1.0']
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape
+
+__all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "profile_layers",
+           "synthetic_input_shape"]
+
+# Tokens (rows of a Linear's input, or spatial positions of a conv's input) per batch when the run's are unknown:
+# e.g. batch 32 x 128 tokens of text, or batch 16 x 256 patches (a 224px ViT-B/14).
+DEFAULT_TOKENS_PER_BATCH = 4096
+
+Timer = Callable[[Callable[[], None], nn.Module], float]
+"""``timer(run, module) -> seconds`` of one call of ``run`` (forward+backward of ``module``)."""
+
+_CACHE: dict[tuple, float] = {}  # the process-wide cache used when profile_layers gets none
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SynchronizedTimer:
+    """Wall-clock seconds per call of ``run``, CUDA-synchronized around each timing window.
+
+    The first call for a module times one call and sets how many calls later windows hold (enough to last
+    ``target_seconds``, at most ``max_calls``), so make the first call a warm-up.
+    """
+
+    def __init__(self, device: torch.device | str, target_seconds: float = 2e-3, max_calls: int = 100) -> None:
+        self.device = torch.device(device)
+        self.target_seconds = target_seconds
+        self.max_calls = max_calls
+        self._calls: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+    def _window(self, run: Callable[[], None], calls: int) -> float:
+        _synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        _synchronize(self.device)
+        return (time.perf_counter() - start) / calls
+
+    def __call__(self, run: Callable[[], None], module: nn.Module) -> float:
+        calls = self._calls.get(module)
+        if calls is None:
+            seconds = self._window(run, 1)
+            self._calls[module] = min(self.max_calls, max(1, math.ceil(self.target_seconds / max(seconds, 1e-9))))
+            return seconds
+        return self._window(run, calls)
+
+
+@dataclass
+class LayerTiming:
+    """Dense vs factorized forward+backward time of one layer."""
+
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    input_shape: tuple[int, ...]
+    dense_ms: float
+    factorized_ms: float
+    keep_dense: bool
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / max(self.factorized_ms, 1e-12)
+
+
+@dataclass
+class ProfileReport:
+    """Per-layer timings, the keep-dense decision and what profiling cost; ``print(report)`` shows a table."""
+
+    layers: list[LayerTiming] = field(default_factory=list)
+    margin: float = 0.1
+    device: str = "cpu"
+    dtype: str = "float32"
+    seconds: float = 0.0  # wall time profile_layers took, measuring and cache look-ups included
+    measured: int = 0  # timings run (the others came from the cache)
+    cached: int = 0
+
+    @property
+    def keep_dense(self) -> list[str]:
+        """Layers whose factorization is not faster by the margin: leave them full-rank."""
+        return [layer.name for layer in self.layers if layer.keep_dense]
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "input", "rank", "dense ms", "factorized ms", "speedup", "decision")]
+        for t in self.layers:
+            rows.append((t.name, "x".join(map(str, t.shape)), "x".join(map(str, t.input_shape)), str(t.rank),
+                         f"{t.dense_ms:.3f}", f"{t.factorized_ms:.3f}", f"{t.speedup:.2f}x",
+                         "keep dense" if t.keep_dense else "factorize"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) if i in (0, 7) else cell.rjust(w) for i, (cell, w) in
+                           enumerate(zip(row, widths))).rstrip() for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"forward+backward on {self.device} in {self.dtype}; a layer is factorized when it takes at most "
+                     f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g})")
+        lines.append(f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took "
+                     f"{self.seconds:.2f}s ({self.measured} timings measured, {self.cached} from the cache)")
+        return "\n".join(lines)
+
+
+def synthetic_input_shape(module: nn.Module, tokens_per_batch: int) -> tuple[int, ...]:
+    """Input shape used when a layer's real one is unknown: ``(tokens, in)`` for a Linear; for a conv a square
+    ``(1, in, s, s)`` image with ``s * s ~ tokens`` spatial positions."""
+    shape = dense_shape(module)
+    if len(shape) == 2:
+        return (tokens_per_batch, shape[1])
+    side = max(1, math.isqrt(tokens_per_batch))
+    return (1, shape[1], side, side)
+
+
+def _geometry(module: nn.Module) -> tuple[nn.Conv2d | None, bool]:
+    """The conv that holds the kernel geometry (None for a Linear) and whether the layer has a bias."""
+    outer = module.second if isinstance(module, FactorizedLayer) else module
+    inner = module.first if isinstance(module, FactorizedLayer) else module
+    return (inner if isinstance(inner, nn.Conv2d) else None), outer.bias is not None
+
+
+def _signature(module: nn.Module) -> tuple:
+    """What sets a layer's speed besides its input and rank: weight shape, bias and conv geometry."""
+    conv, bias = _geometry(module)
+    if conv is None:
+        return ("linear", dense_shape(module), bias)
+    return ("conv2d", dense_shape(module), bias, tuple(conv.stride), str(conv.padding), tuple(conv.dilation),
+            conv.padding_mode)
+
+
+def _build(module: nn.Module, rank: int | None, extra_bn: bool, device: torch.device,
+           dtype: torch.dtype) -> nn.Module:
+    """A fresh dense (``rank=None``) or factorized layer shaped like ``module``, on ``device`` / ``dtype``."""
+    conv, bias = _geometry(module)
+    out_features, in_features = dense_shape(module)[:2]
+    if conv is None:
+        if rank is None:
+            return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        return FactorizedLinear(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
+    common = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=bias,
+                  padding_mode=conv.padding_mode, device=device, dtype=dtype)
+    if rank is None:
+        return nn.Conv2d(in_features, out_features, conv.kernel_size, **common)
+    return FactorizedConv2d(in_features, out_features, conv.kernel_size, rank, extra_bn=extra_bn, **common)
+
+
+def _median_seconds(layer: nn.Module, input_shape: Sequence[int], timer: Timer, repeats: int, warmup: int,
+                    device: torch.device, dtype: torch.dtype) -> float:
+    """Median seconds of forward+backward of ``layer`` (gradients for its input and parameters)."""
+    x = torch.randn(*input_shape, device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        grad = torch.randn_like(layer(x))
+    parameters = list(layer.parameters())
+
+    def run() -> None:
+        x.grad = None
+        for parameter in parameters:  # fresh gradients: accumulating would add work the training step lacks
+            parameter.grad = None
+        layer(x).backward(grad)
+
+    for _ in range(warmup):
+        timer(run, layer)
+    return statistics.median(timer(run, layer) for _ in range(repeats))
+
+
+def profile_layers(
+    model: nn.Module,
+    ranks: Mapping[str, int],
+    *,
+    tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    margin: float = 0.1,
+    extra_bn: bool = False,
+    repeats: int = 5,
+    warmup: int = 2,
+    timer: Timer | None = None,
+    cache: MutableMapping[tuple, float] | None = None,
+) -> ProfileReport:
+    """Time each ``{layer name: planned rank}`` dense and factorized; keep dense what is not faster by ``margin``.
+
+    Args:
+        model: holds the layers (dense ``nn.Linear`` / ``nn.Conv2d``, or already factorized); only their
+            architecture is used: fresh layers with random weights are timed, the model is not touched.
+        ranks: the planned rank of each layer to profile.
+        tokens_per_batch: rows of a Linear's input per batch (batch size x sequence length or patches); for a
+            conv, the spatial positions of its input (see :func:`synthetic_input_shape`).
+        input_shapes: the real input shape of some layers (batch included), overriding ``tokens_per_batch``.
+        dtype, device: the training dtype and device (default: those of each layer's weight).
+        margin: the factorized layer must take at most ``(1 - margin)`` of the dense time.
+        extra_bn: time factorized convs with the extra BatchNorm (Pufferfish).
+        repeats, warmup: timed and discarded calls of the timer per measurement.
+        timer: ``timer(run, module) -> seconds`` (default :class:`SynchronizedTimer`); inject one for tests.
+        cache: where timings are stored and looked up (default: a process-wide cache).
+
+    Example:
+        >>> fake = lambda run, module: 1.0 if isinstance(module, nn.Linear) else 0.5
+        >>> profile_layers(nn.Sequential(nn.Linear(8, 8)), {"0": 2}, timer=fake).keep_dense
+        []
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"Need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    if tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch must be >= 1, got {tokens_per_batch}.")
+    start = time.perf_counter()
+    cache = _CACHE if cache is None else cache
+    modules = dict(model.named_modules())
+    missing = [name for name in ranks if not isinstance(modules.get(name), (nn.Linear, nn.Conv2d, FactorizedLayer))]
+    if missing:
+        raise ValueError(f"profile_layers: {missing[:5]} are not Linear/Conv2d (or factorized) modules of "
+                         f"{type(model).__name__}.")
+    report = ProfileReport(margin=margin)
+    timers: dict[torch.device, Timer] = {}
+    for name, rank in ranks.items():
+        module = modules[name]
+        weight = next(module.parameters())
+        layer_device = torch.device(device) if device is not None else weight.device
+        layer_dtype = dtype or weight.dtype
+        report.device, report.dtype = str(layer_device), str(layer_dtype).removeprefix("torch.")
+        shape = tuple(input_shapes[name]) if input_shapes and name in input_shapes else \
+            synthetic_input_shape(module, tokens_per_batch)
+        layer_timer = timer or timers.setdefault(layer_device, SynchronizedTimer(layer_device))
+        milliseconds = []
+        for planned in (None, rank):
+            key = (str(layer_device), str(layer_dtype), _signature(module), shape, planned,
+                   extra_bn and planned is not None)
+            if key not in cache:
+                layer = _build(module, planned, extra_bn, layer_device, layer_dtype)
+                cache[key] = _median_seconds(layer, shape, layer_timer, repeats, warmup, layer_device, layer_dtype)
+                report.measured += 1
+            else:
+                report.cached += 1
+            milliseconds.append(1000 * cache[key])
+        dense_ms, factorized_ms = milliseconds
+        report.layers.append(LayerTiming(name, dense_shape(module), rank, shape, dense_ms, factorized_ms,
+                                         keep_dense=factorized_ms > (1 - margin) * dense_ms))
+    report.seconds = time.perf_counter() - start
+    return report
