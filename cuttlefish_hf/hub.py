@@ -38,7 +38,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel

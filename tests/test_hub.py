@@ -27,7 +27,6 @@ from cuttlefish_hf.hub import (
     record_plan_,
     save_pretrained,
     save_timm,
-    write_model_card,
 )
 from cuttlefish_hf.surgery import FactorizationReport
 from helpers import tiny_bert as _tiny_bert
@@ -390,31 +389,30 @@ def test_push_to_hub_uploads_the_saved_folder_and_card(tmp_path, monkeypatch, ma
 
 
 def test_trainer_push_to_hub_uploads_record_and_card(tmp_path, monkeypatch):
-    """The integration CuttlefishTrainer needs: record_plan_ after the switch, write_model_card after the card."""
+    """CuttlefishTrainer records the plan at the switch and adds the Cuttlefish section to Trainer's card."""
     import transformers.trainer as trainer_module
 
-    class CardTrainer(tf.Trainer):
-        def create_model_card(self, **kwargs):
-            super().create_model_card(**kwargs)
-            if self.is_world_process_zero():
-                write_model_card(self.model, self.args.output_dir, "3 steps", repo_id=self.hub_model_id)
+    from cuttlefish_hf import CuttlefishConfig, CuttlefishTrainer
+    from helpers import KeywordDataset
 
     api = FakeHfApi(tmp_path / "hub")
     FakeHfApi.calls = []
     monkeypatch.setattr(trainer_module, "hf_api", lambda: api)
-    model = factorized(tiny_bert())
-    record_plan_(model)
     args = tf.TrainingArguments(output_dir=str(tmp_path / "out"), push_to_hub=True, hub_model_id="me/trained",
-                                report_to=[], use_cpu=True, save_strategy="no")
-    trainer = CardTrainer(model=model, args=args)
+                                report_to=[], use_cpu=True, save_strategy="no", max_steps=3,
+                                per_device_train_batch_size=8, disable_tqdm=True)
+    trainer = CuttlefishTrainer(model=tiny_bert(), args=args, train_dataset=KeywordDataset(size=24),
+                                cuttlefish_config=CuttlefishConfig(mode="si_fd"))
+    trainer.train()
     trainer.push_to_hub()
     trainer.push_to_hub()  # a second card does not repeat the section
     uploaded = tmp_path / "hub" / "me" / "trained"
     card = (uploaded / "README.md").read_text()
-    assert "generated_from_trainer" in card and "- cuttlefish" in card and "3 steps" in card
+    assert "generated_from_trainer" in card and "- cuttlefish" in card and "si_fd" in card
     assert card.count("## Cuttlefish low-rank factorization") == 1
     loaded = tf.AutoModelForSequenceClassification.from_pretrained(uploaded)
-    assert torch.equal(logits(loaded, text_input()), logits(model.eval(), text_input()))
+    assert factorized_plan(loaded) == factorized_plan(trainer.model)
+    assert torch.equal(logits(loaded, text_input()), logits(trainer.model.eval(), text_input()))
 
 
 # -- merge_ ---------------------------------------------------------------------------------------------------
