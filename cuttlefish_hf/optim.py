@@ -61,6 +61,8 @@ def _extend_scheduler(scheduler, index: int, _seen: set[int] | None = None) -> N
     between a wrapper and a child (``SequentialLR._last_lr``) are extended once.
     """
     seen = set() if _seen is None else _seen
+    while not hasattr(scheduler, "base_lrs") and getattr(scheduler, "scheduler", None) is not None:
+        scheduler = scheduler.scheduler  # Accelerate's AcceleratedScheduler keeps the real one here
     for attribute in ("base_lrs", "lr_lambdas", "_last_lr"):
         values = getattr(scheduler, attribute, None)
         if isinstance(values, list) and id(values) not in seen and len(values) > index:

@@ -333,3 +333,21 @@ def test_unwrap_optimizer():
     assert unwrap_optimizer(Wrapper(OptimizerSubclassWrapper(optimizer))) is optimizer
     with pytest.raises(TypeError):
         unwrap_optimizer(Wrapper("not an optimizer"))
+
+
+def test_new_zero_decay_group_is_scheduled_through_accelerate_wrappers():
+    from accelerate import Accelerator
+
+    from cuttlefish_hf import Cuttlefish, CuttlefishConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32)), nn.Linear(32, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)  # one group: no zero-decay one
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
+    model, optimizer, scheduler = Accelerator(cpu=True).prepare(model, optimizer, scheduler)
+    Cuttlefish(model, CuttlefishConfig(mode="si_fd"), total_steps=100).begin(optimizer, scheduler)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-3, 5e-3])

@@ -1,0 +1,325 @@
+"""examples/vision/train.py: timm DeiT, HF DeiT and ResNet-18 runs that switch and keep training, on tiny generated
+image folders, IDX files and CIFAR-10 batches; full-rank conv factorization; one plan for the controller and the
+Trainer callback; a 2-process CPU run with identical plans and weights."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig, factorize_, find_targets
+from cuttlefish_hf.hub import load_timm
+from cuttlefish_hf.layers import FactorizedConv2d, FactorizedLayer, full_rank
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vision" / "train.py"
+
+
+def _import_example():
+    # Registered under a module name so that timm's @register_model (resnet18_cifar) finds its default config.
+    spec = importlib.util.spec_from_file_location("vision_train_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _import_example()
+
+TINY_DEIT = ["--model", "deit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
+             "--depth", "2", "--num-heads", "2"]
+TINY_HF_DEIT = ["--model", "hf-deit", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2",
+                "--num-heads", "2", "--mlp-ratio", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine are many times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- tiny data ------------------------------------------------------------------------------------------------
+def _class_images(rng: np.random.Generator, label: int, count: int, size: int, channels: int) -> np.ndarray:
+    """Noise plus a bright class-dependent band: learnable in a few steps."""
+    images = rng.integers(0, 80, (count, size, size, channels), dtype=np.uint8)
+    band = slice(label * size // 3, (label + 1) * size // 3)
+    images[:, band, :, :] += 150
+    return images
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """ImageNet layout: train/ and val/, one folder of PNGs per class."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for label in range(3):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True)
+            for i, image in enumerate(_class_images(rng, label, count, 20, 3)):
+                Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def _labelled(rng: np.random.Generator, per_class: int, size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(3), per_class)
+    images = np.concatenate([_class_images(rng, label, per_class, size, channels) for label in range(3)])
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def idx_folder(tmp_path_factory) -> Path:
+    """Fashion-MNIST's four IDX files (gzipped), 16x16 grayscale."""
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(1)
+    for prefix, per_class in (("train", 8), ("t10k", 4)):
+        images, labels = _labelled(rng, per_class, 16, 1)
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[..., 0])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory) -> Path:
+    """CIFAR-10's python batches (cifar-10-batches-py/), 32x32 RGB, a few images each."""
+    root = tmp_path_factory.mktemp("cifar")
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir()
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images, labels = _labelled(rng, 2, 32, 3)
+        data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # CIFAR stores planes: R, G, B
+        with open(batches / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, handle)
+    return root
+
+
+def test_data_readers(image_folder, idx_folder, cifar_folder, tmp_path):
+    assert train.detect_dataset(image_folder) == "imagefolder"
+    assert train.detect_dataset(idx_folder) == "fashion_mnist"
+    assert train.detect_dataset(cifar_folder) == "cifar10"
+    with pytest.raises(ValueError, match="no known dataset"):
+        train.detect_dataset(tmp_path)
+    images = train.read_idx(idx_folder / "train-images-idx3-ubyte.gz")
+    assert images.shape == (24, 16, 16) and images.dtype == np.uint8
+    _write_idx(tmp_path / "raw-idx1-ubyte", np.arange(5))  # not gzipped
+    np.testing.assert_array_equal(train.read_idx(tmp_path / "raw-idx1-ubyte"), np.arange(5))
+    images, labels = train.read_cifar10(cifar_folder, "train")
+    assert images.shape == (30, 32, 32, 3) and labels.tolist()[:2] == [0, 0]
+    assert images[0, :10, :, 0].mean() > images[0, 20:, :, 0].mean()  # the band of class 0 is at the top
+    assert train.parse_overrides(["window=3", "extra_bn=true", "skip_first_blocks=auto"]) == \
+        {"window": 3, "extra_bn": True, "skip_first_blocks": "auto"}
+
+
+# -- example runs ---------------------------------------------------------------------------------------------
+def run_example(data_dir: Path, output_dir: Path, *flags: str):
+    return train.main(["--cpu", "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--num-workers", "0",
+                       "--batch-size", "8", "--epochs", "4", "--lr", "2e-3", *flags])
+
+
+def check_switched_and_kept_training(results: dict, output_dir: Path, switch_step: int | None = None) -> None:
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["final_accuracy"] == results["final_accuracy"]
+    assert (output_dir / "model" / "model.safetensors").is_file()
+    assert results["cuttlefish"]["plan"], "nothing was factorized"
+    if switch_step is None:
+        assert 0 < results["switch_step"] < results["steps"]
+    else:
+        assert results["switch_step"] == switch_step
+    assert results["steps_after_switch"] > 0
+    assert results["params_after"] < results["params_before"]
+    assert results["target_params_after"] < results["target_params_before"]
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in results["epochs"])
+    assert results["epochs"][-1]["low_rank"] and results["epochs"][-1]["params"] == results["params_after"]
+    assert results["processes"][0]["plan"] == results["cuttlefish"]["plan"]
+    for key in ("wall_seconds", "measurement_overhead_percent", "machine"):
+        assert key in results
+
+
+def test_timm_deit_cuttlefish_switches_and_keeps_training(image_folder, tmp_path):
+    out = tmp_path / "out"
+    model, results = run_example(image_folder, out, *TINY_DEIT, "--mode", "cuttlefish", "--mixup", "0.2",
+                                 "--cutmix", "0.5", "--cuttlefish", "rank_rule=stable_rank")
+    check_switched_and_kept_training(results, out)
+    assert results["switch_epoch"] == 2  # max_warmup_fraction=0.5 of 4 epochs, measured once per epoch
+    assert (out / "stable_ranks.png").stat().st_size > 0
+    assert len(results["stable_rank_history"]["steps"]) == 2
+    reloaded = load_timm(out / "model")
+    images = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(reloaded(images), model.eval()(images), rtol=0, atol=1e-6)
+
+
+def test_hf_deit_cuttlefish_switches_and_keeps_training(image_folder, tmp_path):
+    from transformers import AutoModelForImageClassification, DeiTForImageClassification
+
+    out = tmp_path / "out"
+    model, results = run_example(image_folder, out, *TINY_HF_DEIT, "--mode", "cuttlefish", "--cuttlefish",
+                                 "measure_every_steps=2", "rank_rule=energy", "energy_threshold=0.5")
+    assert isinstance(model, DeiTForImageClassification)
+    check_switched_and_kept_training(results, out)
+    assert results["switch_step"] % 2 == 0  # measured every 2 steps
+    assert all(name.startswith("deit.layers.") for name in results["cuttlefish"]["plan"])
+    reloaded = AutoModelForImageClassification.from_pretrained(out / "model").eval()
+    images = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(reloaded(images).logits, model.eval()(images).logits, rtol=0, atol=1e-6)
+
+
+def test_resnet18_cifar_stem_pufferfish_with_extra_bn(idx_folder, tmp_path):
+    out = tmp_path / "out"
+    model, results = run_example(idx_folder, out, "--model", "resnet18", "--cifar-stem", "--in-chans", "1",
+                                 "--mode", "pufferfish", "--crop-scale", "0.5", "1")
+    check_switched_and_kept_training(results, out, switch_step=3)  # fixed warm-up: 25% of 12 steps
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and isinstance(model.maxpool,
+                                                                                             nn.Identity)
+    plan = results["cuttlefish"]["plan"]
+    assert "layer1.0.conv1" not in plan and "layer1.1.conv1" in plan  # Pufferfish keeps the first block dense
+    layer = model.get_submodule("layer4.1.conv2")
+    assert isinstance(layer, FactorizedConv2d) and isinstance(layer.middle, nn.BatchNorm2d)
+    assert layer.rank == math.ceil(0.25 * 512)
+    reloaded = load_timm(out / "model")
+    images = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(reloaded(images), model.eval()(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["si_fd", "vanilla"])
+def test_si_fd_and_vanilla_on_cifar_batches(cifar_folder, tmp_path, mode):
+    out = tmp_path / "out"
+    model, results = run_example(cifar_folder, out, *TINY_DEIT, "--mode", mode, "--epochs", "2",
+                                 "--batch-size", "6")
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in results["epochs"]) and results["steps"] == 10
+    if mode == "si_fd":
+        assert results["switch_step"] == 0 and results["steps_after_switch"] == results["steps"]
+        assert results["cuttlefish"]["plan"] and results["params_after"] < results["params_before"]
+        assert results["epochs"][0]["low_rank"]
+    else:
+        assert results["cuttlefish"] == {} and results["switch_step"] is None
+        assert results["params_after"] == results["params_before"]
+        assert not any(isinstance(m, FactorizedLayer) for m in model.modules())
+    reloaded = load_timm(out / "model")
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(reloaded(images), model.eval()(images), rtol=0, atol=1e-6)
+
+
+# -- conv factorization ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_cifar"])
+def test_full_rank_conv_factorization_reproduces_resnet18(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    with torch.no_grad():  # timm zero-initializes each block's last BN: randomize so every conv matters
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    images = torch.randn(2, 3, 32, 32)
+    expected = model(images)
+    targets = find_targets(model)
+    assert len(targets) == 16 and all(isinstance(model.get_submodule(n), nn.Conv2d) for n in targets)
+    assert "conv1" not in targets and not any("downsample" in n for n in targets)  # stem and 1x1 convs stay
+    factorize_(model, {n: full_rank(model.get_submodule(n)) for n in targets})
+    assert sum(isinstance(m, FactorizedConv2d) for m in model.modules()) == 16
+    torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- one source of truth ----------------------------------------------------------------------------------------
+def test_controller_and_trainer_callback_give_the_same_plan(tmp_path):
+    from transformers import DeiTConfig, DeiTForImageClassification, TrainingArguments
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    def tiny_hf_deit() -> nn.Module:
+        torch.manual_seed(0)
+        return DeiTForImageClassification(DeiTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                                     num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, num_labels=3))
+
+    def drift_(model: nn.Module, step: int) -> None:
+        """The same weight trajectory for both models: a rank-1 direction that grows and settles."""
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name in find_targets(model):
+                weight = model.get_submodule(name).weight
+                u = torch.randn(weight.shape[0], 1, generator=generator)
+                v = torch.randn(1, weight.shape[1], generator=generator)
+                weight.add_(0.5 ** step * 0.05 * u @ v)
+
+    config = CuttlefishConfig(measure_every_steps=1, window=2, min_warmup_measurements=2, eps_relative=0.02,
+                              rank_rule="stable_rank")
+    total_steps = 40
+    model_a, model_b = tiny_hf_deit(), tiny_hf_deit()
+    optimizer_a = torch.optim.AdamW(model_a.parameters(), lr=1e-3)
+    optimizer_b = torch.optim.AdamW(model_b.parameters(), lr=1e-3)
+    controller = Cuttlefish(model_a, config, total_steps=total_steps, steps_per_epoch=10)
+    controller.begin(optimizer_a)
+
+    callback = CuttlefishCallback(config)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
+    state, control = TrainerState(max_steps=total_steps, num_train_epochs=4), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model_b, optimizer=optimizer_b, train_dataloader=[])
+    for step in range(1, total_steps + 1):
+        drift_(model_a, step)
+        drift_(model_b, step)
+        state.global_step = step
+        controller.step_end(step, optimizer_a)
+        callback.on_step_end(args, state, control, optimizer=optimizer_b)
+        if controller.switched and callback.controller.switched:
+            break
+    other = callback.controller
+    assert controller.switch_step == other.switch_step is not None
+    assert controller.switch_step < config.max_warmup_fraction * total_steps  # switched because ranks settled
+    assert controller.tracker.history == other.tracker.history
+    assert controller.decisions == other.decisions
+    assert controller.report.plan == other.report.plan and controller.report.plan
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+# -- two processes ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_switch_with_identical_plans(image_folder, tmp_path):
+    """torchrun, gloo: rank 0 decides, both processes factorize alike and the re-wrapped DDP keeps them in sync."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(EXAMPLE), "--cpu", "--data-dir", str(image_folder), "--output-dir", str(out),
+               "--num-workers", "0", "--batch-size", "4", "--epochs", "4", *TINY_DEIT, "--mode", "cuttlefish",
+               "--cuttlefish", "rank_rule=stable_rank"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    first, second = results["processes"]
+    assert results["machine"]["num_processes"] == 2 and (first["process_index"], second["process_index"]) == (0, 1)
+    assert first["plan"] and first["plan"] == second["plan"]
+    assert first["switch_step"] == second["switch_step"] == 6 and results["steps"] == 12  # 3 steps per epoch each
+    # Six steps after the switch on different shards: equal weights only if the factors' gradients were synced.
+    assert first["weights_sum"] == pytest.approx(second["weights_sum"], rel=0, abs=1e-9)
+    assert first["weights_norm"] == pytest.approx(second["weights_norm"], rel=0, abs=1e-9)
