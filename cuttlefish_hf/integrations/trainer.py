@@ -186,8 +186,10 @@ class CuttlefishTrainer(Trainer):
         tracker = controller.tracker
         latest = {name: values[-1] for name, values in tracker.history.items()}
         fraction = sum(value / tracker.full_ranks[name] for name, value in latest.items()) / len(latest)
+        due = self.control.should_log  # Trainer.log clears it: keep the loss log this step may owe
         self.log({"cuttlefish/stable_rank_fraction": fraction,
                   "cuttlefish/unstable_layers": len(tracker.unstable_layers())})
+        self.control.should_log = due
         per_layer = {f"cuttlefish/stable_rank/{name}": value for name, value in latest.items()}
         for callback in self.callback_handler.callbacks:
             if not isinstance(callback, (ProgressCallback, PrinterCallback)):

@@ -1,0 +1,183 @@
+"""examples/glue/run_glue.py end to end on a tiny BERT and a tiny CSV (offline), and its flag errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import tiny_bert
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer
+
+from cuttlefish_hf import CuttlefishConfig, factorized_plan
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "glue" / "run_glue.py"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [f"w{i}" for i in range(64 - len(SPECIAL_TOKENS))]  # tiny_bert has a 64-token vocabulary
+KEYWORD = WORDS[0]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue"] = module  # dataclasses and HfArgumentParser resolve types through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+run_glue = load_script()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny BERT and a word-level tokenizer for its vocabulary, saved like a Hub model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(folder)
+    BertTokenizer(vocab={token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}).save_pretrained(folder)
+    return folder
+
+
+def write_csv(path: Path, rows: int, seed: int, pairs: bool = False) -> Path:
+    """Label 1 when the sentence contains KEYWORD: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    columns = ["sentence1", "sentence2", "label"] if pairs else ["sentence", "label"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in range(rows):
+            label = row % 2
+            words = rng.choices(WORDS[1:], k=8)
+            if label:
+                words[rng.randrange(8)] = KEYWORD
+            text = " ".join(words)
+            writer.writerow([text[:11], text[12:], label] if pairs else [text, label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_csv(folder / "train.csv", 64, seed=0)
+    write_csv(folder / "validation.csv", 32, seed=1)
+    return folder
+
+
+def flags(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model_dir), "--train_file", str(data_dir / "train.csv"),
+            "--validation_file", str(data_dir / "validation.csv"), "--do_train", "--do_eval",
+            "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size", "8",
+            "--num_train_epochs", "4", "--learning_rate", "2e-3", "--save_strategy", "no", "--use_cpu",
+            "--disable_tqdm", "true", "--seed", "0", *extra]
+
+
+CUTTLEFISH_FLAGS = ("--cuttlefish", "--measure_every_steps", "2", "--window", "2", "--min_warmup_measurements", "3",
+                    "--eps_relative", "0.05", "--rank_rule", "stable_rank")
+
+
+def test_cuttlefish_run_switches_writes_results_and_plot_and_reloads(model_dir, data_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    results = run_glue.main(flags(model_dir, data_dir, output_dir, *CUTTLEFISH_FLAGS, "--report_to", "tensorboard"))
+
+    saved = json.loads((output_dir / "eval_results.json").read_text())
+    summary = saved["cuttlefish"]
+    assert summary == results["cuttlefish"]
+    assert 0 < summary["switch_step"] < 32  # 64 rows / batch 8 x 4 epochs
+    assert summary["plan"] and summary["model_params_after"] < summary["model_params_before"]
+    assert summary["measure_seconds"] > 0 and summary["surgery_seconds"] > 0
+    assert 0.0 <= saved["eval_accuracy"] <= 1.0 and "eval_f1" in saved
+    assert json.loads((output_dir / "train_results.json").read_text())["cuttlefish"] == summary
+    assert (output_dir / "stable_ranks.png").read_bytes().startswith(b"\x89PNG")
+    assert list((output_dir / "runs").rglob("events.out.tfevents.*"))
+    assert "Cuttlefish low-rank factorization" in (output_dir / "README.md").read_text()
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    assert factorized_plan(reloaded) == summary["plan"]
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    batch = tokenizer([f"{KEYWORD} w3 w4", "w5 w6"], padding=True, return_tensors="pt")
+    assert reloaded(**batch).logits.shape == (2, 2)
+
+
+def test_loss_is_logged_at_measurement_steps(model_dir, data_dir, tmp_path):
+    run_glue.main(flags(model_dir, data_dir, tmp_path, *CUTTLEFISH_FLAGS, "--num_train_epochs", "1",
+                        "--logging_steps", "2"))
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [2, 4, 6, 8]
+
+
+def test_vanilla_run_on_sentence_pairs(model_dir, tmp_path):
+    write_csv(tmp_path / "train.csv", 32, seed=0, pairs=True)
+    write_csv(tmp_path / "validation.csv", 16, seed=1, pairs=True)
+    results = run_glue.main(flags(model_dir, tmp_path, tmp_path / "out", "--num_train_epochs", "1"))
+    assert "cuttlefish" not in results and "eval_accuracy" in results
+    assert not (tmp_path / "out" / "stable_ranks.png").exists()
+    assert factorized_plan(AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")) == {}
+
+
+def test_json_file_gives_the_same_config_as_flags(tmp_path, data_dir):
+    command_line = ["--model_name_or_path", "unused", "--train_file", str(data_dir / "train.csv"),
+                    "--output_dir", str(tmp_path), "--cuttlefish", "--target_modules", '["query", "value"]',
+                    "--rank_pattern", '{"value": 4}', "--skip_first_blocks", "1", "--cuttlefish_seed", "3",
+                    "--extra_bn", "false"]
+    from_flags = run_glue.parse_arguments(command_line)[-1]
+    (tmp_path / "args.json").write_text(json.dumps({
+        "model_name_or_path": "unused", "train_file": str(data_dir / "train.csv"), "output_dir": str(tmp_path),
+        "cuttlefish": True, "target_modules": ["query", "value"], "rank_pattern": {"value": 4},
+        "skip_first_blocks": 1, "cuttlefish_seed": 3, "extra_bn": False}))
+    from_file = run_glue.parse_arguments([str(tmp_path / "args.json")])[-1]
+    assert from_flags == from_file == CuttlefishConfig(target_modules=["query", "value"], rank_pattern={"value": 4},
+                                                       skip_first_blocks=1, seed=3, extra_bn=False)
+    assert run_glue.parse_arguments(command_line[:6])[-1] is None  # without --cuttlefish: a vanilla run
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cuttlefish", "--rank_rule", "biggest"], "rank_rule='biggest' is not valid; choose one of"),
+    (["--cuttlefish", "--eps_relative", "-0.1"], "eps_relative must be a number >= 0"),
+    (["--cuttlefish", "--frobenius_decay", "-1"], "frobenius_decay must be a number >= 0"),
+    (["--cuttlefish", "--window", "0"], "window must be an integer >= 1"),
+    (["--cuttlefish", "--rank_pattern", '{"query": 0}'], "rank_pattern['query'] must be a positive int rank"),
+    (["--cuttlefish", "--skip_first_blocks", "some"], "skip_first_blocks must be an integer >= 0, 'auto'"),
+    (["--train_file", "missing.csv"], "--train_file missing.csv: no such file"),
+    (["--train_file", "train.txt"], "--train_file train.txt: expected a .csv or .json file"),
+    (["--task_name", "sst3"], "--task_name 'sst3' is not a GLUE task"),
+    ([], "Give --task_name (a GLUE task) or --train_file"),
+    (["--task_name", "sst2", "--no_such_flag", "1"], "--no_such_flag"),
+])
+def test_bad_flags_exit_with_argparse_errors_before_loading_anything(extra, message, data_dir, tmp_path, capsys):
+    if extra[:1] == ["--cuttlefish"]:
+        extra = ["--train_file", str(data_dir / "train.csv"), *extra]
+    # The model does not exist: reaching the model loading would raise OSError, not exit with status 2.
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(["--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path), *extra])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: " in error and message in error
+
+
+def test_do_eval_without_validation_data_is_a_flag_error(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(["--model_name_or_path", "unused", "--train_file", str(data_dir / "train.csv"), "--do_eval",
+                       "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--do_eval needs --validation_file" in capsys.readouterr().err
+
+
+def test_help_lists_every_cuttlefish_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("cuttlefish", *(run_glue._flag_name(f.name) for f in dataclasses.fields(CuttlefishConfig))):
+        assert f"--{name} " in text
+    assert "--cuttlefish_seed" in text  # --seed is Trainer's
+
+
+def test_the_program_exits_with_status_2_on_a_bad_flag(data_dir, tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--model_name_or_path", "unused", "--train_file",
+                                str(data_dir / "train.csv"), "--output_dir", str(tmp_path), "--cuttlefish",
+                                "--rank_rule", "biggest"], capture_output=True, text=True)
+    assert completed.returncode == 2 and "rank_rule='biggest' is not valid" in completed.stderr
