@@ -94,8 +94,9 @@ CANDIDATES: dict[str, tuple[str, str, dict]] = {
     "aa_att20_ffn80": ("split", "whiten", {"attention": 0.2, "ffn": 0.8}),
     # every layer keeps >= 40% of its parameters, the rest of a 60% budget by estimated loss increase
     "fisher_floor40_60": ("fisher_budget", "fisher", {"keep_fraction": 0.6, "min_keep_fraction": 0.4}),
-    # aa_uniform60 with the library's optional learning-rate re-warm-up after the switch (30 steps)
-    "aa_uniform60_rw30": ("uniform", "whiten", {"keep_fraction": 0.6, "rewarmup": 30}),
+    "aa_att50_ffn80": ("split", "whiten", {"attention": 0.5, "ffn": 0.8}),   # 0.7 overall
+    # aa_att40_ffn70 with the library's optional learning-rate re-warm-up after the switch (30 steps)
+    "aa_att40_ffn70_rw30": ("split", "whiten", {"attention": 0.4, "ffn": 0.7, "rewarmup": 30}),
     # whitened init re-split into balanced factors (same product, sqrt(S) on both sides of its SVD)
     "aa_budget60_bal": ("aa_budget", "whiten_balanced", {"keep_fraction": 0.6}),
     # output-gradient (diagonal Fisher) weighting of rows: allocation by estimated loss increase
@@ -437,6 +438,9 @@ def collect() -> None:
                 "seeds": [r["seed"] for r in mine],
                 "accuracy_mean": statistics.mean(r["accuracy"] for r in mine),
                 "accuracy": [r["accuracy"] for r in mine],
+                "accuracy_min": min(r["accuracy"] for r in mine),
+                "accuracy_max": max(r["accuracy"] for r in mine),
+                "kept_fraction_by_kind": mine[0]["kept_fraction_by_kind"],
                 "kept_fraction_mean": statistics.mean(r["kept_fraction"] for r in mine),
                 "accuracy_after_surgery_mean": statistics.mean(r["accuracy_after_surgery"] for r in mine)
                 if candidate != "dense" else None,
@@ -471,7 +475,7 @@ def plot(summary: dict, runs: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.6))
     if "dense" in summary:
         dense = summary["dense"]["accuracy_mean"]
         ax.axhline(dense, color="black", lw=1, label=f"dense control ({dense:.1f}%)")
@@ -479,27 +483,47 @@ def plot(summary: dict, runs: list[dict]) -> None:
     ax.axvline(0.6, color="gray", ls=":", lw=1)
     styles = {"svd": ("o", "tab:red"), "whiten": ("s", "tab:blue"), "whiten_balanced": ("D", "tab:purple"),
               "fisher": ("^", "tab:green")}
-    curve = sorted((s["kept_fraction_mean"], s["accuracy_mean"]) for c, s in summary.items()
-                   if c.startswith("aa_budget"))
-    if curve:
-        ax.plot(*zip(*curve), color="tab:blue", lw=1, alpha=0.6)
+    families = {"error-driven budget (aa_budget*)": (lambda c: c.startswith("aa_budget") and "_" not in c[9:],
+                                                      "tab:blue", "--"),
+                "fixed fraction per layer kind (aa_uniform*, aa_att*)": (
+                    lambda c: (c.startswith("aa_uniform") or c.startswith("aa_att")) and "rw" not in c,
+                    "tab:orange", "-")}
+    for label, (member, color, style) in families.items():
+        points = sorted((s["kept_fraction_mean"], s["accuracy_mean"]) for c, s in summary.items() if member(c))
+        best = {}
+        for x, y in points:  # one point per kept fraction: the best of the family
+            best[round(x, 2)] = max(best.get(round(x, 2), (x, -1)), (x, y), key=lambda p: p[1])
+        if len(best) > 1:
+            ax.plot(*zip(*sorted(best.values())), color=color, ls=style, lw=1.2, alpha=0.8, label=label)
+    labels = []
     for candidate, s in summary.items():
         if candidate == "dense":
             continue
         marker, color = styles[CANDIDATES[candidate][1]]
         xs = [r["kept_fraction"] for r in runs if r["candidate"] == candidate]
         ys = [r["accuracy"] for r in runs if r["candidate"] == candidate]
-        ax.scatter(xs, ys, marker=marker, color=color, alpha=0.35, s=18)
-        ax.scatter([s["kept_fraction_mean"]], [s["accuracy_mean"]], marker=marker, color=color, s=46)
-        ax.annotate(candidate, (s["kept_fraction_mean"], s["accuracy_mean"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        ax.scatter(xs, ys, marker=marker, color=color, alpha=0.3, s=16)
+        ax.scatter([s["kept_fraction_mean"]], [s["accuracy_mean"]], marker=marker, color=color, s=44, zorder=3)
+        labels.append([s["kept_fraction_mean"], s["accuracy_mean"], s["accuracy_mean"], candidate])
+    # stagger labels of nearby points so they do not overlap
+    labels.sort(key=lambda item: (round(item[0], 1), item[1]))
+    for i in range(1, len(labels)):
+        if round(labels[i][0], 1) == round(labels[i - 1][0], 1):
+            labels[i][2] = max(labels[i][2], labels[i - 1][2] + 0.42)
+    for x, y, text_y, candidate in labels:
+        star = "" if len(summary[candidate]["seeds"]) > 1 else "*"
+        ax.annotate(f"{candidate} ({summary[candidate]['accuracy_mean']:.1f}{star})", (x, y), xytext=(x + 0.012, text_y),
+                    fontsize=6.5, va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
     ax.scatter([], [], marker="o", color="tab:red", label="plain SVD init")
     ax.scatter([], [], marker="s", color="tab:blue", label="activation-aware (whitened) init")
     ax.scatter([], [], marker="D", color="tab:purple", label="whitened, balanced factors")
-    ax.scatter([], [], marker="^", color="tab:green", label="whitened + output-gradient weighted")
+    ax.scatter([], [], marker="^", color="tab:green", label="whitened + output-gradient (Fisher) weighted")
+    seeds = sorted({r["seed"] for r in runs})
     ax.set_xlabel("encoder Linear parameters kept (fraction)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("MiniLM-L6 on debian-sections: 1 dense epoch, surgery, 2 epochs")
+    ax.set_ylabel("validation accuracy (%): mean over seeds (* one seed); faint: single runs")
+    ax.set_title(f"all-MiniLM-L6-v2 on debian-sections: 1 dense epoch, surgery, 2 epochs (seeds {seeds})",
+                 fontsize=10)
+    ax.set_xlim(0.35, 0.95)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -26,7 +26,7 @@ KEYWORD = WORDS[0]
 def load_script():
     spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["run_glue"] = module  # dataclasses and HfArgumentParser resolve types through sys.modules
+    sys.modules["run_glue"] = module  # as an import would: dataclasses and pickle look the module up there
     spec.loader.exec_module(module)
     return module
 
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def write_csv(path: Path, rows: int, seed: int, pairs: bool = False) -> Path:
-    """Label 1 when the sentence contains KEYWORD: learnable in a few dozen steps."""
+    """Label 1 when the text contains KEYWORD; pairs split the same eight words four and four."""
     rng = random.Random(seed)
     columns = ["sentence1", "sentence2", "label"] if pairs else ["sentence", "label"]
     with open(path, "w", newline="") as handle:
@@ -55,8 +55,8 @@ def write_csv(path: Path, rows: int, seed: int, pairs: bool = False) -> Path:
             words = rng.choices(WORDS[1:], k=8)
             if label:
                 words[rng.randrange(8)] = KEYWORD
-            text = " ".join(words)
-            writer.writerow([text[:11], text[12:], label] if pairs else [text, label])
+            texts = [" ".join(words[:4]), " ".join(words[4:])] if pairs else [" ".join(words)]
+            writer.writerow([*texts, label])
     return path
 
 
