@@ -22,7 +22,8 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, **overrides):
+def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, resume_from=None, **overrides):
+    """Train a tiny BERT with ``config`` through ``trainer_cls``; returns the trainer and its callback."""
     model = tiny_bert()
     args = training_args(tmp_path, **overrides)
     if trainer_cls is CuttlefishTrainer:
@@ -31,7 +32,7 @@ def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, **overrides):
     else:
         callback = CuttlefishCallback(config)
         trainer = Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     return trainer, callback
 
 
@@ -133,18 +134,8 @@ def test_bad_setups_fail_before_training(tmp_path):
 
 
 def run_with_checkpoints(tmp_path, name, resume_from=None, trainer_cls=Trainer, **overrides):
-    model = tiny_bert()
-    args = training_args(tmp_path, output_dir=str(tmp_path / name), save_strategy="steps", save_steps=4,
-                         **overrides)
-    config = CuttlefishConfig(**FAST)
-    if trainer_cls is CuttlefishTrainer:
-        trainer = CuttlefishTrainer(model=model, args=args, train_dataset=KeywordDataset(), cuttlefish_config=config)
-        callback = trainer.cuttlefish
-    else:
-        callback = CuttlefishCallback(config)
-        trainer = Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback])
-    trainer.train(resume_from_checkpoint=resume_from)
-    return trainer, callback
+    return train(tmp_path, CuttlefishConfig(**FAST), trainer_cls, resume_from, output_dir=str(tmp_path / name),
+                 save_strategy="steps", save_steps=4, **overrides)
 
 
 @pytest.mark.parametrize("trainer_cls,overrides", [(Trainer, {}), (CuttlefishTrainer, {"weight_decay": 0.01})])
