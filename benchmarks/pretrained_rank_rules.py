@@ -15,9 +15,14 @@ the controller's last measurement period when measuring per epoch); every candid
 with the same data order and dropout stream.
 
     python benchmarks/pretrained_rank_rules.py phase1 --seed 0
-    python benchmarks/pretrained_rank_rules.py run --seed 0 --candidates dense ssr_svd aa_budget50
+    python benchmarks/pretrained_rank_rules.py gradstats --seed 0  # only for the fisher_* candidates
+    python benchmarks/pretrained_rank_rules.py run --seed 0 --candidates dense ssr_svd aa_att40_ffn70
     python benchmarks/pretrained_rank_rules.py analyze --seed 0     # no training: kept fractions, output errors
     python benchmarks/pretrained_rank_rules.py collect             # -> results JSON + plot
+
+Runs recorded in the results JSON: seeds 0 and 1 for the baselines and main candidates, seed 2 for dense,
+aa_att40_ffn70, aa_att50_ffn80 and aa_uniform60, one seed for the exploratory ones; two processes with one
+intra-op thread each on a 2-core machine shared with other jobs (wall times vary 3-4x with the load).
 
 Each run writes ``outputs/pretrained_rank_rules/runs/<candidate>-seed<k>.json``; ``collect`` merges them into
 ``benchmarks/results/pretrained_rank_rules.json`` and draws ``benchmarks/results/pretrained_rank_rules.png``.
