@@ -19,6 +19,7 @@ import time
 
 import torch
 import transformers
+from torch.autograd import DeviceType
 from transformers import TrainerCallback, TrainingArguments
 
 from cuttlefish_hf import CuttlefishConfig, CuttlefishTrainer
@@ -45,6 +46,38 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class KernelProfiler(TrainerCallback):
+    """Device busy time and kernel launches per step over a few steps at given points (CUDA only): when a
+    step's wall time is well above its busy time, the step is bound by the host launching kernels."""
+
+    def __init__(self, starts: dict[str, int], steps: int = 5) -> None:
+        self.starts, self.steps = starts, steps
+        self.results: dict[str, dict] = {}
+        self._profiler = None
+        self._label = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for label, start in self.starts.items():
+            if state.global_step == start:
+                self._label = label
+                self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self._profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profiler is None or state.global_step < self.starts[self._label] + self.steps:
+            return
+        torch.cuda.synchronize()
+        self._profiler.__exit__(None, None, None)
+        try:  # kernels (and copies) recorded on the device, each a FunctionEvent of device_type CUDA
+            kernels = [e for e in self._profiler.events() if e.device_type == DeviceType.CUDA]
+            self.results[self._label] = {
+                "device_busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1000 / self.steps,
+                "kernels_per_step": len(kernels) / self.steps}
+        except Exception as error:  # a diagnostic: never lose the timings to it
+            self.results[self._label] = {"error": repr(error)}
+        self._profiler = None
+
+
 def build(model_name: str, batch: int):
     """A random-init model and a synthetic dataset of the right shape."""
     if model_name == "bert-base":
@@ -64,11 +97,11 @@ def build(model_name: str, batch: int):
                 super().__init__()
                 self.inner = inner
 
-            def forward(self, pixel_values, labels):
-                logits = self.inner(pixel_values)
+            def forward(self, pixel_values, labels):  # uint8 images: a quarter of the host-to-device bytes
+                logits = self.inner(pixel_values.float() / 255)
                 return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
-        data = [{"pixel_values": torch.randn(3, 224, 224), "labels": torch.tensor(i % 10)} for i in range(batch * 4)]
+        data = [{"pixel_values": torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8), "labels": torch.tensor(i % 10)} for i in range(batch * 4)]
         return Wrapper(model), data, batch * 197
     raise ValueError(f"unknown --model {model_name!r}; choose bert-base or deit-small")
 
@@ -100,8 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
         learning_rate=1e-4, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10 ** 6,
         use_cpu=args.device == "cpu", bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", dataloader_num_workers=0)
     timer = StepTimer()
+    callbacks = [timer]
+    if args.device == "cuda":  # profile 5 dense steps mid-way to the switch and 5 low-rank steps near the end
+        profiler = KernelProfiler({"dense": int(0.2 * args.steps), "low_rank": int(0.8 * args.steps)})
+        callbacks.append(profiler)
     trainer = CuttlefishTrainer(model=model, args=training, train_dataset=data, cuttlefish_config=config,
-                                callbacks=[timer])
+                                callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
@@ -122,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         "measurement_overhead_pct": 100 * controller.measure_seconds / total, "train_seconds": total,
         "machine": machine(args.device),
     }
+    if args.device == "cuda":
+        result["kernel_profile"] = profiler.results
     output = args.output or os.path.join(os.path.dirname(__file__), "results",
                                          f"step_time_{args.model}_{args.device}_{args.dtype}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)

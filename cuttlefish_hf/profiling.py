@@ -7,7 +7,7 @@ factorized form takes at most ``(1 - margin)`` of the dense time. Per layer rath
 because a slow layer late in the network gains nothing from factorization either (see ``CUTTLEFISH.md`` 5).
 
 Each timing is a median over ``repeats`` after ``warmup`` calls; on CUDA every window is synchronized and holds
-enough calls to last about 2 ms, so launch overhead and timer resolution do not decide. Results are cached by
+enough calls to last about 10 ms, so launch overhead and timer resolution do not decide. Results are cached by
 ``(device, dtype, layer, input shape, rank)``: equal layers (the 12 blocks of BERT) are measured once.
 
 Example:
@@ -52,11 +52,13 @@ def _synchronize(device: torch.device) -> None:
 class SynchronizedTimer:
     """Wall-clock seconds per call of ``run``, CUDA-synchronized around each timing window.
 
-    The first call for a module times one call and sets how many calls later windows hold (enough to last
-    ``target_seconds``, at most ``max_calls``), so make the first call a warm-up.
+    A module's first call is a warm-up (allocator, kernel selection) and also calibrates: the window doubles
+    from one call until it lasts ``target_seconds`` (at most ``max_calls`` calls), and later windows hold that
+    many calls. A one-call window on a GPU would time the host's launch overhead and the synchronization,
+    not the kernels.
     """
 
-    def __init__(self, device: torch.device | str, target_seconds: float = 2e-3, max_calls: int = 100) -> None:
+    def __init__(self, device: torch.device | str, target_seconds: float = 1e-2, max_calls: int = 256) -> None:
         self.device = torch.device(device)
         self.target_seconds = target_seconds
         self.max_calls = max_calls
@@ -72,11 +74,16 @@ class SynchronizedTimer:
 
     def __call__(self, run: Callable[[], None], module: nn.Module) -> float:
         calls = self._calls.get(module)
-        if calls is None:
-            seconds = self._window(run, 1)
-            self._calls[module] = min(self.max_calls, max(1, math.ceil(self.target_seconds / max(seconds, 1e-9))))
-            return seconds
-        return self._window(run, calls)
+        if calls is not None:
+            return self._window(run, calls)
+        self._window(run, 1)  # cold: not representative of anything
+        calls = 1
+        seconds = self._window(run, calls)
+        while seconds * calls < self.target_seconds and calls < self.max_calls:
+            calls = min(self.max_calls, 2 * calls)
+            seconds = self._window(run, calls)
+        self._calls[module] = calls
+        return seconds
 
 
 @dataclass

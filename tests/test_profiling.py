@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import time
+
 import pytest
 import torch
 from helpers import tiny_bert
@@ -112,11 +114,17 @@ def test_real_timer_smoke():
     report = profile_layers(model, {"0.0": 4, "1.0": 2}, tokens_per_batch=64, warmup=1, repeats=2, cache={})
     assert all(t.dense_ms > 0 and t.factorized_ms > 0 for t in report.layers)
     assert 0 < report.seconds < 30 and report.device == "cpu" and report.dtype == "float32"
-    # The timer calibrates how many calls fill a window on a module's first call.
-    timer, layer, calls = SynchronizedTimer("cpu", target_seconds=1.0, max_calls=7), nn.Linear(2, 2), []
+    # A module's first call warms up, then doubles the window until it lasts the target (here never: capped).
+    timer, layer, calls = SynchronizedTimer("cpu", target_seconds=1.0, max_calls=6), nn.Linear(2, 2), []
     timer(lambda: calls.append(1), layer)
+    assert len(calls) == 1 + 1 + 2 + 4 + 6
+    calls.clear()
     timer(lambda: calls.append(1), layer)
-    assert len(calls) == 1 + 7
+    assert len(calls) == 6
+    # ... and stops growing once a window lasts the target: 3 ms calls fill 5 ms with 2 of them.
+    timer, calls = SynchronizedTimer("cpu", target_seconds=5e-3), []
+    timer(lambda: (calls.append(1), time.sleep(3e-3)), layer)
+    assert len(calls) == 1 + 1 + 2
 
 
 @pytest.mark.parametrize("kwargs, message", [
