@@ -54,6 +54,7 @@ from .surgery import FactorizationReport, factorize_
 
 __all__ = [
     "AA_RULES",
+    "LAYER_KINDS",
     "PRETRAINED_DEFAULT_FRACTIONS",
     "SCALINGS",
     "ActivationStats",
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 AA_RULES = ("fraction", "budget", "energy")
+LAYER_KINDS = ("attention", "ffn", "other")
 # The measured default for fine-tuning pretrained transformers (benchmarks/pretrained_rank_rules.py): whitened
 # init, FFN matrices keep 70% of their parameters and attention matrices 40% (60% overall with a 4x FFN).
 PRETRAINED_DEFAULT_FRACTIONS = {"attention": 0.4, "ffn": 0.7}
@@ -102,7 +104,8 @@ class ActivationStats:
     the last measurement period before the switch (or the period in which the switch becomes likely), not
     during the whole warm-up. With ``training_only=True`` (default) forward passes in ``eval()`` mode
     (evaluation loops) are not recorded; ``every=k`` records only every k-th forward pass of each input (k
-    times cheaper; a few thousand tokens per layer already give a usable covariance).
+    times cheaper; a few thousand tokens per layer already give a usable covariance); ``max_tokens`` stops
+    recording an input once that many tokens are in its sum (until :meth:`reset`).
 
     ``start(..., output_gradients=True)`` also accumulates, per output unit, the second moment of the
     gradient of the loss with respect to the layer's output, ``E[g^2]`` (a vector per layer, from a tensor
@@ -118,11 +121,15 @@ class ActivationStats:
         (10, 1.0)
     """
 
-    def __init__(self, training_only: bool = True, every: int = 1) -> None:
+    def __init__(self, training_only: bool = True, every: int = 1, max_tokens: int | None = None) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}.")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}.")
         self.training_only = training_only
         self.every = every
+        self.max_tokens = max_tokens
         self._calls: list[int] = []              # per slot: forward calls seen (for `every`)
         self._handles: list = []
         self._slot_of: dict[str, int] = {}        # layer name -> slot index
@@ -219,6 +226,8 @@ class ActivationStats:
                                "first forward pass but not on this one; collect the layers in separate "
                                "ActivationStats objects.")
         self._last_input, self._last_slot = x, slot
+        if self.max_tokens is not None and self._counts[slot] >= self.max_tokens:
+            return
         self._calls[slot] += 1
         if (self._calls[slot] - 1) % self.every:
             return
@@ -453,17 +462,19 @@ def factorize_activation_aware_(
     scaling: str = "whiten",
     output_weights: Mapping[str, torch.Tensor] | None = None,
     stable_ranks: Mapping[str, float] | None = None,
+    extra_bn: bool = False,
 ) -> FactorizationReport:
     """:func:`cuttlefish_hf.surgery.factorize_` with whitened factors for every Linear that has a covariance.
 
     The layers are built by ``factorize_`` (so the bias Parameter object, dtype, device and the report are
     exactly as usual), then the factors of each named Linear are overwritten with :func:`whitened_factors`
-    computed from the dense weight it replaced. Layers without a covariance (or Conv2d) keep plain SVD.
+    computed from the dense weight it replaced. Layers without a covariance (or Conv2d, with ``extra_bn``
+    as in ``factorize_``) keep plain SVD.
     """
     modules = dict(model.named_modules())
     dense = {name: modules[name].weight.detach().clone() for name in plan
              if name in covariances and isinstance(modules.get(name), nn.Linear)}
-    report = factorize_(model, plan, init="svd", stable_ranks=stable_ranks)
+    report = factorize_(model, plan, init="svd", stable_ranks=stable_ranks, extra_bn=extra_bn)
     for name, weight in dense.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, FactorizedLinear)

@@ -9,14 +9,17 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
+from .activation_aware import LAYER_KINDS, PRETRAINED_DEFAULT_FRACTIONS
 from .profiling import DEFAULT_TOKENS_PER_BATCH
 from .rank_rules import RANK_RULES, XI_REFERENCES
 
-__all__ = ["CuttlefishConfig", "MODES"]
+__all__ = ["CONFIG_RANK_RULES", "CuttlefishConfig", "MODES"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("cuttlefish", "pufferfish", "si_fd")
+# What `rank_rule` accepts: the spectrum rules of rank_rules.py, plus the activation-aware rule and "auto".
+CONFIG_RANK_RULES = ("auto", "activation_aware", *RANK_RULES)
 PROFILE_DTYPES = (None, "float32", "float16", "bfloat16")
 CONFIG_NAME = "cuttlefish_config.json"
 # Mode-dependent defaults for fields left as None: (frobenius_decay, extra_bn, skip_first_blocks).
@@ -57,8 +60,12 @@ class CuttlefishConfig:
         "Modules never factorized, same syntax as target_modules; checked first.")})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
         "Fixed ranks for some layers: {regex or name suffix: rank}, overriding the rank rule.")})
-    rank_rule: str = field(default="scaled_stable_rank", metadata={"help": (
-        f"How a layer's rank is chosen at the switch: one of {RANK_RULES}.")})
+    rank_rule: str = field(default="auto", metadata={"help": (
+        "How ranks are chosen at the switch (cuttlefish mode). 'auto': 'activation_aware' when the targets look "
+        "pretrained at train begin (fine-tuning), else 'scaled_stable_rank' (the paper's rule, for training from "
+        "scratch); the switch summary says which ran and why. 'activation_aware': each layer keeps "
+        "activation_fractions of its parameters, factors truncated in the metric of its recorded inputs "
+        f"(SVD-LLM-style whitening). Or one of {RANK_RULES}.")})
     xi_reference: str = field(default="auto", metadata={"help": (
         "Where scaled_stable_rank takes srank(W_0) from: 'init' (snapshot at train begin, for training from "
         "scratch), 'random_matrix' (a Gaussian matrix of the same shape, for pretrained weights) or 'auto' "
@@ -67,6 +74,13 @@ class CuttlefishConfig:
         "For rank_rule='energy': keep the smallest rank holding this fraction of sum(sigma^2).")})
     rank_ratio: float = field(default=0.25, metadata={"help": (
         "For rank_rule='fixed_ratio' and the pufferfish / si_fd modes: rank = ceil(ratio * full_rank).")})
+    activation_fractions: dict[str, float] = field(
+        default_factory=lambda: dict(PRETRAINED_DEFAULT_FRACTIONS), metadata={"help": (
+            "For rank_rule='activation_aware': the fraction of its parameters each layer keeps, by kind "
+            f"({', '.join(LAYER_KINDS)}; a kind not listed keeps 0.6).")})
+    activation_tokens: int = field(default=16384, metadata={"help": (
+        "For rank_rule='activation_aware': input tokens per layer whose second moments are recorded after each "
+        "measurement (those of the period before the switch are used); more is more accurate and costs more.")})
     min_rank: int = field(default=1, metadata={"help": "Lower bound for every chosen rank."})
     measure_every_steps: int | None = field(default=None, metadata={"help": (
         "Measure stable ranks every N optimizer steps; None measures once per epoch.")})
@@ -109,7 +123,10 @@ class CuttlefishConfig:
 
     def __post_init__(self) -> None:
         self._check_choice("mode", MODES)
-        self._check_choice("rank_rule", RANK_RULES)
+        self._check_choice("rank_rule", CONFIG_RANK_RULES)
+        self._check_activation_fractions()
+        if not _is_int(self.activation_tokens) or self.activation_tokens < 1:
+            raise ValueError(f"activation_tokens must be an integer >= 1, got {self.activation_tokens!r}.")
         self._check_choice("xi_reference", XI_REFERENCES)
         for name in ("target_modules", "exclude_modules"):
             self._check_patterns(name, getattr(self, name))
@@ -175,6 +192,15 @@ class CuttlefishConfig:
         return self.rank_rule if self.mode == "cuttlefish" else "fixed_ratio"
 
     # -- validation helpers -----------------------------------------------------------------------------
+    def _check_activation_fractions(self) -> None:
+        fractions = self.activation_fractions
+        if not isinstance(fractions, dict) or any(kind not in LAYER_KINDS for kind in fractions):
+            raise ValueError(f"activation_fractions must be a dict with keys among {LAYER_KINDS}, e.g. "
+                             f"{PRETRAINED_DEFAULT_FRACTIONS}; got {fractions!r}.")
+        for kind, fraction in fractions.items():
+            if not _is_real(fraction) or not 0 < fraction <= 1:
+                raise ValueError(f"activation_fractions[{kind!r}] must be in (0, 1], got {fraction!r}.")
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
             raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {choices}.")

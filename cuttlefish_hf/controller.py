@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activation_aware import (ActivationStats, decide_ranks_activation_aware, detect_pretrained,
+                               factorize_activation_aware_)
 from .config import CuttlefishConfig
-from .layers import FactorizedLayer, full_rank
+from .layers import FactorizedLayer, dense_shape, full_rank
 from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
 from .profiling import ProfileReport, profile_layers
 from .rank_rules import RankDecision, decide_ranks
@@ -97,6 +99,9 @@ class Cuttlefish:
             min_measurements=config.min_warmup_measurements, max_measurements=self._max_measurements())
         self.measured_steps: list[int] = []
         self.init_stable_ranks: dict[str, float] | None = None
+        self.rank_rule: str | None = None  # resolved from config.rank_rule at begin(); see rank_rule_reason
+        self.rank_rule_reason = ""
+        self.activations: ActivationStats | None = None  # input statistics for rank_rule="activation_aware"
         self.switch_step: int | None = None
         self.report: FactorizationReport | None = None
         self.decisions: list[RankDecision] = []
@@ -138,15 +143,57 @@ class Cuttlefish:
         return self.switch_step is not None
 
     def begin(self, optimizer=None, scheduler=None) -> SwitchResult | None:
-        """Call once before training: snapshots ``srank(W_0)``; SI&FD mode switches here (step 0)."""
+        """Call once before training: snapshots ``srank(W_0)``, resolves the rank rule (starting the input
+        statistics the activation-aware rule needs); SI&FD mode switches here (step 0)."""
         if self.switched:
             return None
-        if self.init_stable_ranks is None:
-            weights = self._weights()
-            self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
+        self._resolve_rank_rule()
+        self._start_activation_stats()
         if self.config.mode == "si_fd":
             return self.switch(0, optimizer, scheduler)
         return None
+
+    def _resolve_rank_rule(self) -> None:
+        """Snapshot ``srank(W_0)`` (once) and turn ``config.rank_rule`` into :attr:`rank_rule` (once)."""
+        if self.init_stable_ranks is None:
+            weights = self._weights()
+            self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
+        if self.rank_rule is not None:
+            return
+        config = self.config
+        if config.resolved_rank_rule != "auto":
+            self.rank_rule = config.resolved_rank_rule
+            self.rank_rule_reason = "set in the config" if config.mode == "cuttlefish" else \
+                f"{config.mode} mode uses a fixed rank ratio"
+        else:
+            modules = dict(self.model.named_modules())
+            check = detect_pretrained(self.init_stable_ranks, {name: dense_shape(modules[name]) for name in self.targets})
+            self.rank_rule = "activation_aware" if check.pretrained else "scaled_stable_rank"
+            self.rank_rule_reason = f"rank_rule='auto' and the {check.reason}"
+        logger.log(self.log_level, "Cuttlefish will choose ranks with the %s rule (%s).", self.rank_rule,
+                   self.rank_rule_reason)
+
+    def _start_activation_stats(self) -> None:
+        """Hook the Linear targets to record their inputs' second moments (activation-aware rule only)."""
+        if self.rank_rule != "activation_aware" or self.switched or self.activations is not None:
+            return
+        modules = dict(self.model.named_modules())
+        linear = [name for name in self.targets if isinstance(modules[name], nn.Linear)]
+        self.activations = ActivationStats(max_tokens=self.config.activation_tokens).start(self.model, linear)
+
+    def _activation_covariances(self) -> dict[str, torch.Tensor]:
+        """The recorded input covariances (summed over processes), ``{}`` unless the rule needs them."""
+        if self.rank_rule != "activation_aware":
+            return {}
+        stats = self.activations
+        if stats is not None:
+            stats.all_reduce_()  # collective: every process is in switch() together
+        covariances = {} if stats is None else {name: stats.covariance(name) for name in stats.names
+                                                 if stats.count(name) > 0}
+        if not covariances:
+            logger.warning("Cuttlefish recorded no layer inputs before the switch (call begin() before training); "
+                           "the activation-aware rule falls back to plain SVD factors.")
+        return covariances
 
     # -- the loop -------------------------------------------------------------------------------------
     def measure(self) -> dict[str, float]:
@@ -174,6 +221,8 @@ class Cuttlefish:
         self.measured_steps.append(step)
         if _from_rank_zero(self._due(step)):
             return self.switch(step, optimizer, scheduler)
+        if self.activations is not None:
+            self.activations.reset()  # the switch uses the statistics of the period just before it
         return None
 
     def step_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
@@ -193,18 +242,28 @@ class Cuttlefish:
         return self._on_measurement_point(step, optimizer, scheduler)
 
     # -- the switch -----------------------------------------------------------------------------------
-    def decide(self) -> list[RankDecision]:
-        """Each target's rank under the config's rule, from exact singular values (rank 0's under DDP)."""
+    def decide(self, covariances: dict[str, torch.Tensor] | None = None) -> list[RankDecision]:
+        """Each target's rank under :attr:`rank_rule`, from exact singular values (rank 0's under DDP).
+
+        ``covariances``: the layers' input covariances for the activation-aware rule (default: recorded ones).
+        """
         config = self.config
+        self._resolve_rank_rule()
         overrides = {}
         for name in self.targets:
             for pattern, rank in config.rank_pattern.items():
                 if matches(name, [pattern]) or matches(name, pattern):
                     overrides[name] = rank
-        decisions = decide_ranks(
-            self._weights(), config.resolved_rank_rule, init_stable_ranks=self.init_stable_ranks,
-            xi_reference=config.xi_reference, energy=config.energy_threshold, ratio=config.rank_ratio,
-            min_rank=config.min_rank, rank_overrides=overrides)
+        if self.rank_rule == "activation_aware":
+            decisions = decide_ranks_activation_aware(
+                self._weights(), self._activation_covariances() if covariances is None else covariances,
+                "fraction", kind_fractions=config.activation_fractions, min_rank=config.min_rank,
+                rank_overrides=overrides)
+        else:
+            decisions = decide_ranks(
+                self._weights(), self.rank_rule, init_stable_ranks=self.init_stable_ranks,
+                xi_reference=config.xi_reference, energy=config.energy_threshold, ratio=config.rank_ratio,
+                min_rank=config.min_rank, rank_overrides=overrides)
         return _from_rank_zero(decisions)
 
     def switch(self, step: int, optimizer=None, scheduler=None) -> SwitchResult:
@@ -212,22 +271,31 @@ class Cuttlefish:
         if self.switched:
             raise RuntimeError("Cuttlefish already switched this model to low rank.")
         start = time.perf_counter()
-        self.decisions = self.decide()
+        self._resolve_rank_rule()
+        covariances = self._activation_covariances()
+        self.decisions = self.decide(covariances)
         if self.config.resolved_skip_first_blocks == "auto":
             self.decisions = self._keep_slow_layers_dense(self.decisions)
         plan = {d.name: d.rank for d in self.decisions if d.factorize}
         modules = dict(self.model.named_modules())
         old = {name: modules[name].weight for name in plan}
-        self.report = factorize_(self.model, plan, extra_bn=self.config.resolved_extra_bn,
-                                 stable_ranks={d.name: d.stable_rank for d in self.decisions})
+        if self.activations is not None:
+            self.activations.stop()
+            self.activations = None
+        stable = {d.name: d.stable_rank for d in self.decisions}
+        if covariances:
+            self.report = factorize_activation_aware_(self.model, plan, covariances, stable_ranks=stable,
+                                                      extra_bn=self.config.resolved_extra_bn)
+        else:
+            self.report = factorize_(self.model, plan, extra_bn=self.config.resolved_extra_bn, stable_ranks=stable)
         self.switch_step = step
         result = self._finish_switch(step, optimizer, scheduler, old)
         self.surgery_seconds = time.perf_counter() - start
         epoch = f" (epoch {step / self.steps_per_epoch:.2f})" if self.steps_per_epoch else ""
         logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s after %d measurements (%s mode, %s "
-                   "rule); measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s", step, epoch,
-                   len(self.measured_steps), self.config.mode, self.config.resolved_rank_rule, self.measure_seconds,
-                   self.surgery_seconds, self.profile_seconds, self.report)
+                   "rule: %s); measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s", step,
+                   epoch, len(self.measured_steps), self.config.mode, self.rank_rule, self.rank_rule_reason,
+                   self.measure_seconds, self.surgery_seconds, self.profile_seconds, self.report)
         return result
 
     def _keep_slow_layers_dense(self, decisions: list[RankDecision]) -> list[RankDecision]:
@@ -280,7 +348,8 @@ class Cuttlefish:
         report = self.report
         return {
             "mode": self.config.mode,
-            "rank_rule": self.config.resolved_rank_rule,
+            "rank_rule": self.rank_rule or self.config.resolved_rank_rule,
+            "rank_rule_reason": self.rank_rule_reason,
             "switch_step": self.switch_step,
             "switch_epoch": None if self.switch_step is None or not self.steps_per_epoch
             else self.switch_step / self.steps_per_epoch,
@@ -302,6 +371,8 @@ class Cuttlefish:
             "tracker": self.tracker.state_dict(),
             "measured_steps": list(self.measured_steps),
             "init_stable_ranks": self.init_stable_ranks,
+            "rank_rule": self.rank_rule,
+            "rank_rule_reason": self.rank_rule_reason,
             "switch_step": self.switch_step,
             "report": self.report.to_dict() if self.report else None,
             "measure_seconds": self.measure_seconds,
@@ -314,6 +385,8 @@ class Cuttlefish:
         self.tracker.load_state_dict(state["tracker"])
         self.measured_steps = list(state["measured_steps"])
         self.init_stable_ranks = state["init_stable_ranks"]
+        self.rank_rule = state.get("rank_rule")  # absent from checkpoints of older versions: resolved again
+        self.rank_rule_reason = state.get("rank_rule_reason", "")
         self.measure_seconds = state["measure_seconds"]
         self.surgery_seconds = state["surgery_seconds"]
         self.profile_seconds = state.get("profile_seconds", 0.0)  # absent from checkpoints of older versions
@@ -324,3 +397,6 @@ class Cuttlefish:
             if present != self.report.plan:
                 raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
                                  "checkpoint's weights into the model before restoring the controller.")
+        if not self.switched and self.init_stable_ranks is not None:  # resumed in the warm-up: go on as begin()
+            self._resolve_rank_rule()
+            self._start_activation_stats()  # input statistics are not checkpointed: they restart here

@@ -29,3 +29,21 @@ class KeywordDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[index], "attention_mask": torch.ones_like(self.input_ids[index]),
                 "labels": self.labels[index]}
+
+
+def pretrained_like(model: torch.nn.Module, decay: float = 0.7, seed: int = 123) -> torch.nn.Module:
+    """Give every target Linear a fast-decaying spectrum (same Frobenius norm), as pretrained weights have:
+    ``detect_pretrained`` calls such a model pretrained. Returns ``model``."""
+    from cuttlefish_hf.targeting import find_targets
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in find_targets(model):
+            weight = model.get_submodule(name).weight
+            m, n = weight.shape
+            k = min(m, n)
+            u, _ = torch.linalg.qr(torch.randn(m, k, generator=generator))
+            v, _ = torch.linalg.qr(torch.randn(n, k, generator=generator))
+            spectrum = torch.tensor([decay ** i for i in range(k)])
+            weight.copy_((u * (spectrum * weight.norm() / spectrum.norm())) @ v.T)
+    return model

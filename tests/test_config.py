@@ -9,21 +9,21 @@ from dataclasses import fields
 
 import pytest
 
-from cuttlefish_hf.config import CONFIG_NAME, MODES, CuttlefishConfig
-from cuttlefish_hf.rank_rules import RANK_RULES
+from cuttlefish_hf.config import CONFIG_NAME, CONFIG_RANK_RULES, MODES, CuttlefishConfig
 
 
 def test_defaults_are_valid():
     config = CuttlefishConfig()
     assert config.mode == "cuttlefish"
-    assert config.rank_rule == "scaled_stable_rank"
+    assert config.rank_rule == "auto"  # the controller picks per model; see test_pretrained_rule.py
+    assert config.activation_fractions == {"attention": 0.4, "ffn": 0.7}
     assert config.target_modules == "auto"
     assert config.rank_pattern == {}
     assert MODES == ("cuttlefish", "pufferfish", "si_fd")
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("rule", RANK_RULES)
+@pytest.mark.parametrize("rule", CONFIG_RANK_RULES)
 def test_every_mode_and_rule_is_accepted(mode, rule):
     assert CuttlefishConfig(mode=mode, rank_rule=rule).mode == mode
 
@@ -33,6 +33,10 @@ def test_every_mode_and_rule_is_accepted(mode, rule):
     [
         (dict(mode="lora"), "mode", "choose one of"),
         (dict(rank_rule="svd"), "rank_rule", "choose one of"),
+        (dict(activation_fractions={"mlp": 0.5}), "activation_fractions", "keys among"),
+        (dict(activation_fractions={"ffn": 0.0}), "activation_fractions", "in (0, 1]"),
+        (dict(activation_fractions=[0.4, 0.7]), "activation_fractions", "keys among"),
+        (dict(activation_tokens=0), "activation_tokens", "integer >= 1"),
         (dict(xi_reference="pretrained"), "xi_reference", "choose one of"),
         (dict(target_modules="(query"), "target_modules", "not a valid regular expression"),
         (dict(target_modules=["query", 3]), "target_modules", "regex string or a list of module names"),
@@ -93,7 +97,7 @@ def test_valid_edge_values():
 @pytest.mark.parametrize(
     "mode,frobenius,extra_bn,skip,rule",
     [
-        ("cuttlefish", 1e-4, False, 0, "scaled_stable_rank"),
+        ("cuttlefish", 1e-4, False, 0, "auto"),
         ("pufferfish", 0.0, True, 1, "fixed_ratio"),
         ("si_fd", 1e-4, False, 0, "fixed_ratio"),
     ],

@@ -1,0 +1,135 @@
+"""The pretrained-model default: ``rank_rule="auto"`` picks the activation-aware rule for pretrained weights,
+records the layers' inputs during the warm-up, and factorizes them in the whitened metric at the switch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import KeywordDataset, pretrained_like, tiny_bert
+from transformers import Trainer, TrainingArguments
+
+from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig
+from cuttlefish_hf.activation_aware import layer_kind, output_error
+from cuttlefish_hf.layers import FactorizedLinear, svd_factors
+
+FAST = dict(measure_every_steps=2, window=2, min_warmup_measurements=3, eps_relative=0.05)
+
+
+def batch(seed: int = 0, size: int = 16, length: int = 12) -> torch.Tensor:
+    return torch.randint(8, 64, (size, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("config, pretrained, rule, reason", [
+    (CuttlefishConfig(), False, "scaled_stable_rank", "randomly initialized"),
+    (CuttlefishConfig(), True, "activation_aware", "look pretrained"),
+    (CuttlefishConfig(rank_rule="energy"), True, "energy", "set in the config"),
+    (CuttlefishConfig(rank_rule="activation_aware"), False, "activation_aware", "set in the config"),
+    (CuttlefishConfig(mode="pufferfish"), True, "fixed_ratio", "pufferfish mode"),
+])
+def test_rank_rule_is_resolved_at_begin_and_explained(config, pretrained, rule, reason):
+    model = pretrained_like(tiny_bert()) if pretrained else tiny_bert()
+    controller = Cuttlefish(model, config, total_steps=100)
+    assert controller.rank_rule is None
+    controller.begin()
+    assert controller.rank_rule == rule and reason in controller.rank_rule_reason
+    assert (controller.activations is not None) == (rule == "activation_aware")
+    summary = controller.summary()
+    assert summary["rank_rule"] == rule and summary["rank_rule_reason"] == controller.rank_rule_reason
+
+
+def test_statistics_restart_after_each_measurement_and_stop_at_the_token_cap():
+    model = pretrained_like(tiny_bert()).train()
+    config = CuttlefishConfig(measure_every_steps=1, min_warmup_measurements=50, activation_tokens=100)
+    controller = Cuttlefish(model, config, total_steps=1000)
+    controller.begin()
+    name = controller.targets[0]
+    model(input_ids=batch(0))
+    assert controller.activations.count(name) == 16 * 12
+    model(input_ids=batch(1))  # 192 tokens >= the cap of 100: not recorded
+    assert controller.activations.count(name) == 16 * 12
+    assert controller.step_end(1) is None  # a measurement, no switch: the statistics start over
+    assert controller.activations.names == []
+    model(input_ids=batch(2))
+    assert controller.activations.count(name) == 16 * 12
+
+
+def test_switch_factorizes_in_the_metric_of_the_last_period_inputs():
+    model = pretrained_like(tiny_bert()).train()
+    controller = Cuttlefish(model, CuttlefishConfig(rank_rule="auto"), total_steps=100)
+    controller.begin()
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in controller.targets}
+    probes = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name in controller.targets]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model(input_ids=batch(3))
+    for probe in probes:
+        probe.remove()
+    dense = {name: model.get_submodule(name).weight.detach().clone() for name in controller.targets}
+    result = controller.switch(step=5)
+
+    fractions = CuttlefishConfig().activation_fractions
+    for decision in result.decisions:  # ranks keep the kind's fraction of each layer's parameters
+        m, n = decision.shape
+        assert decision.rule == "aa_fraction"
+        assert decision.rank == min(m, n, math.floor(fractions[layer_kind(decision.name)] * m * n / (m + n)))
+    compared = 0
+    for name in controller.report.plan:  # smaller output error on the recorded inputs than plain SVD
+        x = torch.cat(inputs[name]).double()
+        covariance = x.T @ x / x.shape[0]
+        layer = model.get_submodule(name)
+        assert isinstance(layer, FactorizedLinear)
+        first, second = svd_factors(dense[name], layer.rank)
+        assert output_error(dense[name], layer.merged_weight(), covariance) < \
+            output_error(dense[name], second @ first, covariance)
+        compared += 1
+    assert compared == len(controller.targets)
+    # statistics are released and their hooks gone
+    assert controller.activations is None
+    assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+def test_without_recorded_inputs_the_switch_falls_back_to_plain_svd(caplog):
+    model = pretrained_like(tiny_bert())
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    controller.begin()
+    dense = {name: model.get_submodule(name).weight.detach().clone() for name in controller.targets}
+    controller.switch(step=1)
+    assert "recorded no layer inputs" in caplog.text
+    name = next(iter(controller.report.plan))
+    first, second = svd_factors(dense[name], controller.report.plan[name])
+    torch.testing.assert_close(model.get_submodule(name).merged_weight(), second @ first, atol=1e-5, rtol=1e-4)
+
+
+def test_resumed_warm_up_keeps_the_rule_and_records_again():
+    model = pretrained_like(tiny_bert())
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    controller.begin()
+    state = controller.state_dict()
+    assert state["rank_rule"] == "activation_aware"
+    controller.activations.stop()
+    resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    resumed.load_state_dict(state)
+    assert resumed.rank_rule == "activation_aware" and resumed.rank_rule_reason == controller.rank_rule_reason
+    assert resumed.activations is not None and resumed.activations.collecting
+
+
+def test_trainer_fine_tune_of_pretrained_weights_uses_the_activation_aware_rule(tmp_path):
+    callback = CuttlefishCallback(CuttlefishConfig(**FAST))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=4,
+                             learning_rate=2e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, seed=0, data_seed=0)
+    trainer = Trainer(model=pretrained_like(tiny_bert()), args=args, train_dataset=KeywordDataset(),
+                      callbacks=[callback])
+    trainer.train()
+    controller = callback.controller
+    assert controller.switched and 0 < controller.switch_step < trainer.state.max_steps
+    summary = controller.summary()
+    assert summary["rank_rule"] == "activation_aware" and "pretrained" in summary["rank_rule_reason"]
+    assert all(d.rule == "aa_fraction" for d in controller.decisions)
+    assert controller.activations is None
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > controller.switch_step]
+    assert len(losses) > 5 and all(math.isfinite(loss) for loss in losses)
