@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,7 @@ class ActivationStats:
         self.training_only = training_only
         self.every = every
         self.max_tokens = max_tokens
+        self.seconds = 0.0  # host time spent in the hooks (on CUDA: launching, not running, the products)
         self._calls: list[int] = []              # per slot: forward calls seen (for `every`)
         self._handles: list = []
         self._slot_of: dict[str, int] = {}        # layer name -> slot index
@@ -176,8 +178,10 @@ class ActivationStats:
             if self.training_only and not module.training:
                 return
             x = args[0]
+            start = time.perf_counter()
             with torch.no_grad():
                 self._record(name, module, x)
+            self.seconds += time.perf_counter() - start
 
         return hook
 

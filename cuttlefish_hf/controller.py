@@ -106,6 +106,7 @@ class Cuttlefish:
         self.report: FactorizationReport | None = None
         self.decisions: list[RankDecision] = []
         self.measure_seconds = 0.0
+        self.statistics_seconds = 0.0  # in the activation-aware rule's input hooks (host time)
         self.surgery_seconds = 0.0
         self.profile_report: ProfileReport | None = None  # skip_first_blocks="auto": the timings (rank 0)
         self.profile_seconds = 0.0
@@ -281,6 +282,7 @@ class Cuttlefish:
         old = {name: modules[name].weight for name in plan}
         if self.activations is not None:
             self.activations.stop()
+            self.statistics_seconds += self.activations.seconds
             self.activations = None
         stable = {d.name: d.stable_rank for d in self.decisions}
         if covariances:
@@ -361,6 +363,7 @@ class Cuttlefish:
             "target_params_before": report.target_params_before if report else None,
             "target_params_after": report.target_params_after if report else None,
             "measure_seconds": self.measure_seconds,
+            "statistics_seconds": self.statistics_seconds,
             "surgery_seconds": self.surgery_seconds,
             "profile_seconds": self.profile_seconds,
             "profile_kept_dense": self.profile_report.keep_dense if self.profile_report else [],
@@ -376,6 +379,7 @@ class Cuttlefish:
             "switch_step": self.switch_step,
             "report": self.report.to_dict() if self.report else None,
             "measure_seconds": self.measure_seconds,
+            "statistics_seconds": self.statistics_seconds,
             "surgery_seconds": self.surgery_seconds,
             "profile_seconds": self.profile_seconds,
         }
@@ -389,6 +393,7 @@ class Cuttlefish:
         self.rank_rule_reason = state.get("rank_rule_reason", "")
         self.measure_seconds = state["measure_seconds"]
         self.surgery_seconds = state["surgery_seconds"]
+        self.statistics_seconds = state.get("statistics_seconds", 0.0)
         self.profile_seconds = state.get("profile_seconds", 0.0)  # absent from checkpoints of older versions
         self.switch_step = state["switch_step"]
         self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])
