@@ -1,12 +1,15 @@
-"""Vanilla vs Cuttlefish fine-tuning of the packaged all-MiniLM-L6-v2 on debian-sections, offline.
+"""Vanilla vs Cuttlefish (vs Pufferfish, SI&FD) fine-tuning of the packaged all-MiniLM-L6-v2 on debian-sections.
 
-Runs ``examples/glue/run_glue.py`` twice with the same seed and schedule (the second run adds ``--cuttlefish
---measure_every_steps 25``) and writes ``benchmarks/results/glue_minilm_debian_sections.json``:
+Runs ``examples/glue/run_glue.py`` once per method and seed with the same schedule (the low-rank runs add the
+flags in ``METHOD_FLAGS``: Cuttlefish with its defaults, measuring every 25 steps; Pufferfish and SI&FD at rank
+ratio 1/4, Pufferfish switching after a quarter of training) and writes
+``benchmarks/results/glue_minilm_debian_sections.json`` and a markdown table next to it:
 
-    .venv/bin/python benchmarks/glue_minilm.py
+    .venv/bin/python benchmarks/glue_minilm.py                                  # all four methods, seeds 42 43
+    .venv/bin/python benchmarks/glue_minilm.py --methods vanilla cuttlefish --seeds 42
 
-It took 43 minutes (19-24 per run) on this project's 2-core CPU machine while other jobs kept its load average at
-5-8; on the idle machine the vanilla run trained in 147 s. Outputs of both runs (models, ``stable_ranks.png``, logs) go to ``outputs/glue_minilm``.
+Each run takes a few minutes on this project's 2-core CPU machine when nothing else runs. Outputs of the runs
+(models, ``stable_ranks.png``, logs) go to ``outputs/glue_minilm/<method>-seed<k>``.
 
 The data (``../shared/data/debian-sections``, 8 classes, 4,000 train / 1,200 validation rows) is copied into a
 temporary folder for the runs; nothing is downloaded (``HF_HUB_OFFLINE=1``).
@@ -32,7 +35,14 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "glue" / "run_glue.py"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-sections"
-CUTTLEFISH_FLAGS = ["--cuttlefish", "--measure_every_steps", "25"]
+METHOD_FLAGS = {
+    "vanilla": [],
+    "cuttlefish": ["--cuttlefish", "--measure_every_steps", "25"],
+    "pufferfish": ["--cuttlefish", "--mode", "pufferfish", "--rank_ratio", "0.25", "--fixed_warmup_fraction", "0.25"],
+    "si_fd": ["--cuttlefish", "--mode", "si_fd", "--rank_ratio", "0.25"],
+    # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
+    "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", "--activation_tokens", "16384"],
+}
 
 
 def minilm_folder() -> Path:
@@ -106,9 +116,12 @@ def run(name: str, flags: list[str], output_dir: Path) -> dict:
         ranks = summary["plan"].values()
         record["cuttlefish"] = {
             **{key: summary[key] for key in ("switch_step", "switch_epoch", "measurements", "rank_rule",
+                                             "rank_rule_reason",
                                              "measure_seconds", "surgery_seconds", "model_params_before",
                                              "model_params_after", "target_params_before", "target_params_after")},
             "measurement_overhead_percent": 100 * summary["measure_seconds"] / train["train_runtime"],
+            # the activation-aware rule's input statistics (host time in its hooks; exact on the CPU)
+            "statistics_overhead_percent": 100 * summary.get("statistics_seconds", 0.0) / train["train_runtime"],
             "factorized_layers": len(summary["plan"]),
             "rank_min": min(ranks, default=None),
             "rank_max": max(ranks, default=None),
@@ -117,38 +130,87 @@ def run(name: str, flags: list[str], output_dir: Path) -> dict:
     return record
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per method, over seeds: mean accuracy, its change from vanilla, parameter ratios, runtime ratio."""
+    vanilla = runs.get("vanilla")
+    table = {}
+    for method, by_seed in runs.items():
+        records = list(by_seed.values())
+        row = {"seeds": sorted(by_seed), "accuracy_mean": mean([r["accuracy"] for r in records]),
+               "accuracy": [r["accuracy"] for r in records],
+               "total_params": records[0]["total_params"], "encoder_linear_params": records[0]["encoder_linear_params"],
+               "train_runtime_seconds_mean": mean([r["train_runtime_seconds"] for r in records])}
+        if "cuttlefish" in records[0]:
+            row["measurement_overhead_percent"] = [r["cuttlefish"]["measurement_overhead_percent"] for r in records]
+            row["switch_step"] = [r["cuttlefish"]["switch_step"] for r in records]
+            row["rank_rule"] = records[0]["cuttlefish"]["rank_rule"]
+        if vanilla:
+            seeds = [seed for seed in by_seed if seed in vanilla]  # paired by seed
+            row["accuracy_change_points"] = 100 * mean([by_seed[s]["accuracy"] - vanilla[s]["accuracy"] for s in seeds])
+            base = next(iter(vanilla.values()))
+            row["encoder_linear_params_ratio"] = base["encoder_linear_params"] / row["encoder_linear_params"]
+            row["train_runtime_ratio"] = row["train_runtime_seconds_mean"] / mean(
+                [vanilla[s]["train_runtime_seconds"] for s in seeds])
+        table[method] = row
+    return table
+
+
+def markdown(table: dict[str, dict]) -> str:
+    lines = ["| method | seeds | accuracy % (mean) | vs vanilla | encoder linear params | fewer | train time vs vanilla "
+             "| rank rule | measuring % of train time |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, row in table.items():
+        overhead = row.get("measurement_overhead_percent")
+        lines.append(
+            f"| {method} | {', '.join(map(str, row['seeds']))} | {100 * row['accuracy_mean']:.2f} "
+            f"({', '.join(f'{100 * a:.2f}' for a in row['accuracy'])}) | "
+            f"{row.get('accuracy_change_points', 0):+.2f} | {row['encoder_linear_params']:,} | "
+            f"{row.get('encoder_linear_params_ratio', 1):.2f}x | {row.get('train_runtime_ratio', 1):.2f} | "
+            f"{row.get('rank_rule', '-')} | {', '.join(f'{o:.2f}' for o in overhead) if overhead else '-'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="folder with train.csv, validation.csv")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    parser.add_argument("--methods", nargs="+", default=["vanilla", "cuttlefish", "pufferfish", "si_fd"],
+                        choices=list(METHOD_FLAGS))
+    parser.add_argument("--keep_existing", action="store_true",
+                        help="add these runs to the results file's runs of other methods instead of replacing them")
     parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "glue_minilm",
-                        help="run_glue.py outputs (models, plots, logs) go to vanilla/ and cuttlefish/ here")
+                        help="run_glue.py outputs (models, plots, logs) go to <method>-seed<k>/ here")
     parser.add_argument("--results", type=Path,
                         default=REPO / "benchmarks" / "results" / "glue_minilm_debian_sections.json")
     args = parser.parse_args()
 
+    runs: dict[str, dict[int, dict]] = {method: {} for method in args.methods}
+    if args.keep_existing and args.results.exists():
+        previous = json.loads(args.results.read_text())
+        runs = {**{m: {int(seed): r for seed, r in by_seed.items()} for m, by_seed in previous["runs"].items()
+                   if m not in args.methods and m in METHOD_FLAGS}, **runs}  # methods no longer defined are dropped
     with tempfile.TemporaryDirectory() as data:
         for split in ("train.csv", "validation.csv"):
             shutil.copy(args.data_dir / split, data)
-        flags = run_flags(args, Path(data))
-        runs = {"vanilla": run("vanilla", flags, args.output_dir / "vanilla"),
-                "cuttlefish": run("cuttlefish", flags + CUTTLEFISH_FLAGS, args.output_dir / "cuttlefish")}
+        for seed in args.seeds:
+            for method in args.methods:
+                args.seed = seed
+                flags = run_flags(args, Path(data)) + METHOD_FLAGS[method]
+                runs[method][seed] = run(f"{method} seed {seed}", flags, args.output_dir / f"{method}-seed{seed}")
 
-    vanilla, cuttlefish = runs["vanilla"], runs["cuttlefish"]
+    table = compare(runs)
     report = {
         "task": "debian-sections (8 classes, 4,000 train / 1,200 validation), all-MiniLM-L6-v2 (packaged)",
         "schedule": {"epochs": args.epochs, "max_seq_length": 64, "batch_size": 32, "learning_rate": 5e-5,
-                     "lr_schedule": "linear decay, no warm-up", "seed": args.seed,
-                     "cuttlefish_flags": " ".join(CUTTLEFISH_FLAGS)},
+                     "lr_schedule": "linear decay, no warm-up", "seeds": args.seeds,
+                     "method_flags": {m: " ".join(METHOD_FLAGS[m]) for m in runs}},
         "command": " ".join(["python", "benchmarks/glue_minilm.py", *sys.argv[1:]]),
-        "runs": runs,
-        "comparison": {
-            "accuracy_change_points": 100 * (cuttlefish["accuracy"] - vanilla["accuracy"]),
-            "total_params_ratio": vanilla["total_params"] / cuttlefish["total_params"],
-            "encoder_linear_params_ratio": vanilla["encoder_linear_params"] / cuttlefish["encoder_linear_params"],
-            "train_runtime_ratio": cuttlefish["train_runtime_seconds"] / vanilla["train_runtime_seconds"],
-        },
+        "comparison": table,
+        "runs": {method: {str(seed): record for seed, record in by_seed.items()} for method, by_seed in runs.items()},
         "machine": {
             "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
@@ -158,15 +220,14 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "note": ("timings are noisy: other jobs share the 2 cores (see each run's load averages; a load above 2 "
-                     "means the run got less than both cores)"),
+            "note": "see each run's load averages: a load above 2 means the run got less than both cores",
         },
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({name: {k: v for k, v in run.items() if k not in ("command", "cuttlefish")}
-                      for name, run in runs.items()} | {"comparison": report["comparison"]}, indent=2))
-    print(f"Results written to {args.results}")
+    args.results.with_suffix(".md").write_text(markdown(table) + "\n")
+    print(markdown(table))
+    print(f"Results written to {args.results} (and .md)")
 
 
 if __name__ == "__main__":

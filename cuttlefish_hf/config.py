@@ -78,9 +78,10 @@ class CuttlefishConfig:
         default_factory=lambda: dict(PRETRAINED_DEFAULT_FRACTIONS), metadata={"help": (
             "For rank_rule='activation_aware': the fraction of its parameters each layer keeps, by kind "
             f"({', '.join(LAYER_KINDS)}; a kind not listed keeps 0.6).")})
-    activation_tokens: int = field(default=16384, metadata={"help": (
+    activation_tokens: int = field(default=4096, metadata={"help": (
         "For rank_rule='activation_aware': input tokens per layer whose second moments are recorded after each "
-        "measurement (those of the period before the switch are used); more is more accurate and costs more.")})
+        "measurement (those of the period before the switch are used). Recording costs about 1.5x the layers' "
+        "forward pass per recorded batch; 16384 was no more accurate on the MiniLM benchmark.")})
     min_rank: int = field(default=1, metadata={"help": "Lower bound for every chosen rank."})
     measure_every_steps: int | None = field(default=None, metadata={"help": (
         "Measure stable ranks every N optimizer steps; None measures once per epoch.")})

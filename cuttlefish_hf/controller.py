@@ -168,7 +168,8 @@ class Cuttlefish:
                 f"{config.mode} mode uses a fixed rank ratio"
         else:
             modules = dict(self.model.named_modules())
-            check = detect_pretrained(self.init_stable_ranks, {name: dense_shape(modules[name]) for name in self.targets})
+            shapes = {name: dense_shape(modules[name]) for name in self.targets}
+            check = detect_pretrained(self.init_stable_ranks, shapes)
             self.rank_rule = "activation_aware" if check.pretrained else "scaled_stable_rank"
             self.rank_rule_reason = f"rank_rule='auto' and the {check.reason}"
         logger.log(self.log_level, "Cuttlefish will choose ranks with the %s rule (%s).", self.rank_rule,

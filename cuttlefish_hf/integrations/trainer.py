@@ -201,7 +201,8 @@ class CuttlefishTrainer(Trainer):
         controller = self.cuttlefish.controller
         if self.is_world_process_zero() and controller is not None and controller.switched:
             summary = controller.summary()
-            notes = {key: summary[key] for key in ("mode", "rank_rule", "switch_step", "switch_epoch")}
+            notes = {key: summary[key]
+                     for key in ("mode", "rank_rule", "rank_rule_reason", "switch_step", "switch_epoch")}
             hub.write_model_card(self.model, self.args.output_dir, notes, repo_id=self.hub_model_id)
 
     def _current_model(self, model: nn.Module) -> nn.Module:
