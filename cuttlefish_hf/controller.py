@@ -334,8 +334,9 @@ class Cuttlefish:
         new_parameters = [p for params in replacements.values() for p in params]
         return SwitchResult(step, self.report, self.decisions, new_parameters, list(replacements))
 
-    def attach_hooks(self, optimizer) -> None:
-        """Attach Frobenius decay (and the optional re-warm-up) to ``optimizer`` (e.g. after a resume)."""
+    def attach_hooks(self, optimizer, step: int | None = None) -> None:
+        """Attach Frobenius decay (and the optional re-warm-up) to ``optimizer``; after a resume pass the
+        optimizer steps done (``step``) so the re-warm-up continues where it stopped."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -343,7 +344,8 @@ class Cuttlefish:
         if decay > 0:
             self._hooks.append(attach_frobenius_decay(optimizer, self._factorized_modules().values(), decay))
         if self.config.rewarmup_steps:
-            self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps))
+            done = 0 if step is None or self.switch_step is None else step - self.switch_step
+            self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
 
     # -- reporting and checkpoints ----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -121,14 +121,15 @@ def attach_frobenius_decay(optimizer, modules: Iterable[FactorizedLayer], coeffi
     return unwrap_optimizer(optimizer).register_step_pre_hook(hook)
 
 
-def attach_rewarmup(optimizer, steps: int):
-    """Scale every learning rate by ``(k + 1) / steps`` for the next ``steps`` optimizer steps.
+def attach_rewarmup(optimizer, steps: int, done: int = 0):
+    """Scale every learning rate by ``(k + 1) / steps`` at the ``k``-th optimizer step from now, counting from
+    ``k = done`` (steps of the ramp already taken, e.g. before a resume), until ``k = steps``.
 
     The schedule's own values are restored after each step, so any scheduler keeps working unchanged.
     Returns a list of the two hook handles.
     """
     optimizer = unwrap_optimizer(optimizer)
-    state = {"step": 0, "saved": []}
+    state = {"step": max(0, done), "saved": []}
 
     def before(opt, _args, _kwargs):
         if state["step"] < steps:

@@ -298,6 +298,17 @@ def test_attach_rewarmup_scales_lr_then_restores_schedule():
         handle.remove()
 
 
+def test_attach_rewarmup_continues_a_ramp_begun_before_a_resume():
+    a = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([a], lr=1.0)
+    attach_rewarmup(optimizer, 4, done=2)  # steps 3 and 4 of the ramp remain, then the schedule's own lr
+    for expected in (0.75, 1.0, 1.0):
+        a.grad = torch.ones(1)
+        before = a.item()
+        optimizer.step()
+        assert before - a.item() == pytest.approx(expected)
+
+
 def test_attach_rewarmup_all_groups():
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}])

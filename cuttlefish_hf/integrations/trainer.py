@@ -99,7 +99,7 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         if saved is not None:
             self.controller.load_state_dict(saved)
             if self.controller.switched:
-                self.controller.attach_hooks(optimizer)
+                self.controller.attach_hooks(optimizer, state.global_step)
             logger.info("Cuttlefish state restored from the checkpoint (%d measurements, switched: %s).",
                         len(self.controller.measured_steps), self.controller.switched)
             return
