@@ -120,6 +120,8 @@ def run(name: str, flags: list[str], output_dir: Path) -> dict:
                                              "measure_seconds", "surgery_seconds", "model_params_before",
                                              "model_params_after", "target_params_before", "target_params_after")},
             "measurement_overhead_percent": 100 * summary["measure_seconds"] / train["train_runtime"],
+            "step_speedup_after_switch": summary.get("step_speedup"),
+            "targeted_flop_ideal_speedup": summary.get("targeted_flop_ideal_speedup"),
             # the activation-aware rule's input statistics (host time in its hooks; exact on the CPU)
             "statistics_overhead_percent": 100 * summary.get("statistics_seconds", 0.0) / train["train_runtime"],
             "factorized_layers": len(summary["plan"]),
@@ -148,6 +150,8 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
             row["measurement_overhead_percent"] = [r["cuttlefish"]["measurement_overhead_percent"] for r in records]
             row["switch_step"] = [r["cuttlefish"]["switch_step"] for r in records]
             row["rank_rule"] = records[0]["cuttlefish"]["rank_rule"]
+            row["step_speedup_after_switch"] = [r["cuttlefish"].get("step_speedup_after_switch") for r in records]
+            row["targeted_flop_ideal_speedup"] = records[0]["cuttlefish"].get("targeted_flop_ideal_speedup")
         if vanilla:
             seeds = [seed for seed in by_seed if seed in vanilla]  # paired by seed
             row["accuracy_change_points"] = 100 * mean([by_seed[s]["accuracy"] - vanilla[s]["accuracy"] for s in seeds])
@@ -161,15 +165,19 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 def markdown(table: dict[str, dict]) -> str:
     lines = ["| method | seeds | accuracy % (mean) | vs vanilla | encoder linear params | fewer | train time vs vanilla "
-             "| rank rule | measuring % of train time |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rank rule | measuring % of train time | step speedup after the switch (ideal) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
         overhead = row.get("measurement_overhead_percent")
+        speedups = [s for s in row.get("step_speedup_after_switch", []) if s]
+        ideal = row.get("targeted_flop_ideal_speedup")
+        speed = f"{', '.join(f'{s:.2f}x' for s in speedups)} ({ideal:.2f}x)" if speedups and ideal else "-"
         lines.append(
             f"| {method} | {', '.join(map(str, row['seeds']))} | {100 * row['accuracy_mean']:.2f} "
             f"({', '.join(f'{100 * a:.2f}' for a in row['accuracy'])}) | "
             f"{row.get('accuracy_change_points', 0):+.2f} | {row['encoder_linear_params']:,} | "
             f"{row.get('encoder_linear_params_ratio', 1):.2f}x | {row.get('train_runtime_ratio', 1):.2f} | "
-            f"{row.get('rank_rule', '-')} | {', '.join(f'{o:.2f}' for o in overhead) if overhead else '-'} |")
+            f"{row.get('rank_rule', '-')} | {', '.join(f'{o:.2f}' for o in overhead) if overhead else '-'} | {speed} |")
     return "\n".join(lines)
 
 

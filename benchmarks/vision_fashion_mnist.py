@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -66,14 +67,28 @@ def run(mode: str, args: argparse.Namespace, output_dir: Path) -> dict:
     }
 
 
+def epoch_speedup(run: dict) -> str:
+    """Median epoch time (train + eval) at full rank over that of the epochs after the switch epoch."""
+    epochs = run["per_epoch"]
+    first_low = next((i for i, e in enumerate(epochs) if e["low_rank"]), None)
+    if first_low is None:
+        return "-"
+    dense = [e["seconds"] for e in epochs[:first_low]]
+    low = [e["seconds"] for e in epochs[first_low + 1:]]  # the switch epoch itself was trained dense
+    if not dense or not low:
+        return "-"
+    ideal = run["target_params_before"] / run["target_params_after"]
+    return f"{statistics.median(dense) / statistics.median(low):.2f}x (ideal {ideal:.2f}x)"
+
+
 def table(runs: list[dict]) -> str:
     rows = [("run", "test acc % (final / best)", "params", "targeted layers", "switch epoch", "wall s",
-             "measuring %")]
+             "epoch speedup after the switch", "measuring %")]
     for r in runs:
         switch = "-" if r["switch_epoch"] is None else f"{r['switch_epoch']:.2f}"
         rows.append((r["mode"], f"{r['final_accuracy']:.2f} / {r['best_accuracy']:.2f}", f"{r['params_after']:,}",
                      f"{r['target_params_before']:,} -> {r['target_params_after']:,}", switch,
-                     f"{r['wall_seconds']:.0f}", f"{r['measurement_overhead_percent']:.2f}"))
+                     f"{r['wall_seconds']:.0f}", epoch_speedup(r), f"{r['measurement_overhead_percent']:.2f}"))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     return "\n".join(lines)
@@ -88,7 +103,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["vanilla", "cuttlefish", "pufferfish", "si_fd"])
     parser.add_argument("--output-dir", default=str(ROOT / "outputs" / "vision_fashion_mnist"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "vision_fashion_mnist.json"))
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the markdown table from --results")
     args = parser.parse_args()
+    if args.table_only:
+        markdown = table(json.loads(Path(args.results).read_text(encoding="utf-8"))["runs"])
+        Path(args.results).with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
+        print(markdown)
+        return
 
     start, load_before = time.perf_counter(), os.getloadavg()
     runs = [run(mode, args, Path(args.output_dir) / mode) for mode in args.modes]

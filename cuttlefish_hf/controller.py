@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,9 @@ class Cuttlefish:
         self.surgery_seconds = 0.0
         self.profile_report: ProfileReport | None = None  # skip_first_blocks="auto": the timings (rank 0)
         self.profile_seconds = 0.0
+        # wall seconds between consecutive step_end calls, full-rank and low-rank (their medians are reported)
+        self.step_intervals: dict[str, list[float]] = {"dense": [], "low_rank": []}
+        self._last_step_end: float | None = None
         self._hooks: list = []
         self.log_level = logging.INFO  # integrations whose users see only warnings raise this
 
@@ -229,6 +233,15 @@ class Cuttlefish:
 
     def step_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
         """Call after each optimizer step (``step`` = optimizer steps done). Returns the switch, if it happened."""
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.step_intervals["low_rank" if self.switched else "dense"].append(now - self._last_step_end)
+        try:
+            return self._step_end(step, optimizer, scheduler)
+        finally:
+            self._last_step_end = time.perf_counter()  # the next interval excludes measuring and the switch
+
+    def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
         if self.switched:
             return None
         if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
@@ -348,10 +361,22 @@ class Cuttlefish:
             self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
 
     # -- reporting and checkpoints ----------------------------------------------------------------------
+    def step_times(self) -> dict[str, float | None]:
+        """Median wall seconds per training step before and after the switch (from the ``step_end`` calls of
+        this process; evaluation or checkpoint steps are outliers the median ignores), their ratio, and the
+        FLOP-ideal speedup of the factorized layers (their dense over factorized parameter counts)."""
+        dense, low_rank = (statistics.median(v) if v else None for v in self.step_intervals.values())
+        report = self.report
+        return {"dense_step_seconds": dense, "low_rank_step_seconds": low_rank,
+                "step_speedup": dense / low_rank if dense and low_rank else None,
+                "targeted_flop_ideal_speedup": report.target_params_before / report.target_params_after
+                if report and report.target_params_after else None}
+
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready summary: switch point, plan, parameter counts and time spent."""
+        """A JSON-ready summary: switch point, plan, parameter counts, step times and time spent."""
         report = self.report
         return {
+            **self.step_times(),
             "mode": self.config.mode,
             "rank_rule": self.rank_rule or self.config.resolved_rank_rule,
             "rank_rule_reason": self.rank_rule_reason,

@@ -208,3 +208,22 @@ def test_plain_callback_refuses_multi_process_training(tmp_path, monkeypatch):
     monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="use CuttlefishTrainer"):
         CuttlefishCallback(CuttlefishConfig()).on_train_begin(args, None, None, model=tiny_bert())
+
+
+def test_step_times_before_and_after_the_switch():
+    import time
+
+    controller = Cuttlefish(tiny_bert(), CuttlefishConfig(mode="pufferfish", fixed_warmup_fraction=0.5),
+                            total_steps=10)
+    controller.begin()
+    for step in range(1, 11):
+        time.sleep(0.04 if step <= 5 else 0.02)  # "training": slower before the switch at step 5
+        controller.step_end(step)
+    times = controller.step_times()
+    assert controller.switch_step == 5
+    assert len(controller.step_intervals["dense"]) == 4 and len(controller.step_intervals["low_rank"]) == 5
+    assert times["dense_step_seconds"] == pytest.approx(0.04, abs=0.015)
+    assert 1.4 < times["step_speedup"] < 2.6
+    report = controller.report
+    assert times["targeted_flop_ideal_speedup"] == report.target_params_before / report.target_params_after
+    assert controller.summary()["step_speedup"] == times["step_speedup"]
