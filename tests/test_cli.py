@@ -153,3 +153,19 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("cuttlefish-hf inspect: error:") and "Traceback" not in result.stderr
+
+
+def test_demo_short_run_writes_results(tmp_path, capsys):
+    """The main job on a tiny budget: both runs train, Cuttlefish switches, results.json and the plot appear."""
+    assert main(["demo", "--epochs", "6", "--width", "32", "--depth", "2", "--lr", "5e-3",
+                 "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    vanilla, cuttlefish = results["runs"]
+    assert vanilla["mode"] == "vanilla" and cuttlefish["mode"] == "cuttlefish"
+    assert vanilla["accuracy"] > 25 and cuttlefish["accuracy"] > 25  # chance is 10%
+    summary = cuttlefish["cuttlefish"]
+    assert summary["switch_epoch"] == 3 and summary["rank_rule"] == "scaled_stable_rank"  # the 50% bound
+    assert cuttlefish["params"] < vanilla["params"] == cuttlefish["params_before"]
+    assert summary["low_rank_step_seconds"] > 0 and results["machine"]["cpu_cores"] >= 1
+    assert (tmp_path / "stable_ranks.png").stat().st_size > 0
+    assert "Cuttlefish per-layer ranks" in capsys.readouterr().out

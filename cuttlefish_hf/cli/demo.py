@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import time
 
 import torch
@@ -21,6 +22,13 @@ from ..plotting import plot_stable_ranks
 from ..surgery import count_parameters
 
 HELP = "vanilla vs Cuttlefish on scikit-learn's digits with a small ViT (offline, a few minutes on 2 CPUs)"
+
+
+def _machine() -> dict:
+    """Where the demo ran: the numbers in results.json are only comparable on the same kind of machine."""
+    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
+            "dtype": "float32", "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +99,8 @@ def train_run(mode: str, args: argparse.Namespace) -> tuple[dict, Cuttlefish | N
             optimizer.step()
             scheduler.step()
             step += 1
+            if controller is not None:
+                controller.step_end(step, optimizer, scheduler)  # times the steps (measuring is per epoch)
         if controller is not None:
             controller.epoch_end(step, optimizer, scheduler)
         bar.set_postfix(loss=f"{loss.item():.3f}", low_rank=bool(controller and controller.switched))
@@ -127,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                              controller.full_ranks)
     results = os.path.join(args.output_dir, "results.json")
     with open(results, "w", encoding="utf-8") as handle:
-        json.dump({"args": vars(args), "runs": [vanilla, low_rank]}, handle, indent=2, default=str)
+        json.dump({"args": vars(args), "runs": [vanilla, low_rank], "machine": _machine()}, handle, indent=2,
+                  default=str)
     print(f"\nwrote {results} and {plot}")
     return 0
