@@ -40,6 +40,8 @@ METHOD_FLAGS = {
     "cuttlefish": ["--cuttlefish", "--measure_every_steps", "25"],
     "pufferfish": ["--cuttlefish", "--mode", "pufferfish", "--rank_ratio", "0.25", "--fixed_warmup_fraction", "0.25"],
     "si_fd": ["--cuttlefish", "--mode", "si_fd", "--rank_ratio", "0.25"],
+    # the paper's rule (the default before rank_rule="auto"): scaled stable rank, plain SVD factors
+    "cuttlefish_paper_rule": ["--cuttlefish", "--measure_every_steps", "25", "--rank_rule", "scaled_stable_rank"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
     "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", "--activation_tokens", "16384"],
 }
@@ -189,18 +191,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["vanilla", "cuttlefish", "pufferfish", "si_fd"],
                         choices=list(METHOD_FLAGS))
     parser.add_argument("--keep_existing", action="store_true",
-                        help="add these runs to the results file's runs of other methods instead of replacing them")
+                        help="keep the results file's other runs (methods and seeds not run now)")
     parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "glue_minilm",
                         help="run_glue.py outputs (models, plots, logs) go to <method>-seed<k>/ here")
     parser.add_argument("--results", type=Path,
                         default=REPO / "benchmarks" / "results" / "glue_minilm_debian_sections.json")
     args = parser.parse_args()
 
-    runs: dict[str, dict[int, dict]] = {method: {} for method in args.methods}
-    if args.keep_existing and args.results.exists():
+    runs: dict[str, dict[int, dict]] = {}
+    if args.keep_existing and args.results.exists():  # methods no longer defined are dropped
         previous = json.loads(args.results.read_text())
-        runs = {**{m: {int(seed): r for seed, r in by_seed.items()} for m, by_seed in previous["runs"].items()
-                   if m not in args.methods and m in METHOD_FLAGS}, **runs}  # methods no longer defined are dropped
+        runs = {m: {int(seed): r for seed, r in by_seed.items()} for m, by_seed in previous["runs"].items()
+                if m in METHOD_FLAGS}
+    for method in args.methods:
+        runs.setdefault(method, {})
     with tempfile.TemporaryDirectory() as data:
         for split in ("train.csv", "validation.csv"):
             shutil.copy(args.data_dir / split, data)
@@ -214,7 +218,7 @@ def main() -> None:
     report = {
         "task": "debian-sections (8 classes, 4,000 train / 1,200 validation), all-MiniLM-L6-v2 (packaged)",
         "schedule": {"epochs": args.epochs, "max_seq_length": 64, "batch_size": 32, "learning_rate": 5e-5,
-                     "lr_schedule": "linear decay, no warm-up", "seeds": args.seeds,
+                     "lr_schedule": "linear decay, no warm-up",
                      "method_flags": {m: " ".join(METHOD_FLAGS[m]) for m in runs}},
         "command": " ".join(["python", "benchmarks/glue_minilm.py", *sys.argv[1:]]),
         "comparison": table,
