@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,20 +135,16 @@ def run(name: str, flags: list[str], output_dir: Path) -> dict:
     return record
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per method, over seeds: mean accuracy, its change from vanilla, parameter ratios, runtime ratio."""
     vanilla = runs.get("vanilla")
     table = {}
     for method, by_seed in runs.items():
         records = list(by_seed.values())
-        row = {"seeds": sorted(by_seed), "accuracy_mean": mean([r["accuracy"] for r in records]),
+        row = {"seeds": sorted(by_seed), "accuracy_mean": statistics.mean([r["accuracy"] for r in records]),
                "accuracy": [r["accuracy"] for r in records],
                "total_params": records[0]["total_params"], "encoder_linear_params": records[0]["encoder_linear_params"],
-               "train_runtime_seconds_mean": mean([r["train_runtime_seconds"] for r in records])}
+               "train_runtime_seconds_mean": statistics.mean([r["train_runtime_seconds"] for r in records])}
         if "cuttlefish" in records[0]:
             row["measurement_overhead_percent"] = [r["cuttlefish"]["measurement_overhead_percent"] for r in records]
             row["switch_step"] = [r["cuttlefish"]["switch_step"] for r in records]
@@ -156,10 +153,11 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
             row["targeted_flop_ideal_speedup"] = records[0]["cuttlefish"].get("targeted_flop_ideal_speedup")
         if vanilla:
             seeds = [seed for seed in by_seed if seed in vanilla]  # paired by seed
-            row["accuracy_change_points"] = 100 * mean([by_seed[s]["accuracy"] - vanilla[s]["accuracy"] for s in seeds])
+            row["accuracy_change_points"] = 100 * statistics.mean(
+                [by_seed[s]["accuracy"] - vanilla[s]["accuracy"] for s in seeds])
             base = next(iter(vanilla.values()))
             row["encoder_linear_params_ratio"] = base["encoder_linear_params"] / row["encoder_linear_params"]
-            row["train_runtime_ratio"] = row["train_runtime_seconds_mean"] / mean(
+            row["train_runtime_ratio"] = row["train_runtime_seconds_mean"] / statistics.mean(
                 [vanilla[s]["train_runtime_seconds"] for s in seeds])
         table[method] = row
     return table

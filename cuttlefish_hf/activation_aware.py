@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from .layers import FactorizedLinear
-from .rank_rules import RankDecision, break_even_rank, random_matrix_stable_rank, rank_from_singular_values
-from .stable_rank import as_matrix
+from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_rank, random_matrix_stable_rank,
+                         rank_from_singular_values)
+from .stable_rank import as_matrix, stable_ranks
 from .surgery import FactorizationReport, factorize_
 
 __all__ = [
@@ -642,14 +643,9 @@ def decide_ranks_activation_aware(
         ranks = {name: overrides.get(name) or rank_from_singular_values(values.float(), "energy", energy=energy,
                                                                         min_rank=min_rank)
                  for name, values in spectra.items()}
-    decisions = []
-    for name, weight in weights.items():
-        plain = torch.linalg.svdvals(as_matrix(weight)).double()
-        srank = float(plain.square().sum() / plain[0].square().clamp_min(1e-300))
-        rank = ranks[name]
-        decisions.append(RankDecision(name, shapes[name], srank, rank, rank < break_even_rank(*shapes[name]),
-                                      f"aa_{rule}"))
-    return decisions
+    plain_sranks = stable_ranks(list(weights.values()))  # for the report
+    return [RankDecision(name, shapes[name], srank, ranks[name], ranks[name] < break_even_rank(*shapes[name]),
+                         f"aa_{rule}") for name, srank in zip(weights, plain_sranks)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -677,7 +673,7 @@ def detect_pretrained(
     init_stable_ranks: Mapping[str, float],
     shapes: Mapping[str, Sequence[int]],
     *,
-    threshold: float = 0.5,
+    threshold: float = PRETRAINED_SRANK_FRACTION,
     min_fraction: float = 0.5,
 ) -> PretrainedCheck:
     """``pretrained`` when at least ``min_fraction`` of the targets have ``srank(W_0)`` below ``threshold``
