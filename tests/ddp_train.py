@@ -32,6 +32,9 @@ def main(output_dir: str, weights: str) -> None:
                 "max_steps": trainer.state.max_steps, "factors": factors,
                 "wrapped": type(trainer.model_wrapped).__name__, "rank_rule": controller.rank_rule},
                f"{output_dir}/rank{args.process_index}.pt")
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort a rank
+    # ("terminate called without an active exception") after all the work is done.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
