@@ -51,7 +51,7 @@ from torch import nn
 from .layers import FactorizedLinear
 from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_rank, random_matrix_stable_rank,
                          rank_from_singular_values)
-from .stable_rank import as_matrix, stable_ranks
+from .stable_rank import as_matrix, check_finite, stable_ranks
 from .surgery import FactorizationReport, factorize_
 
 __all__ = [
@@ -479,6 +479,7 @@ def factorize_activation_aware_(
     modules = dict(model.named_modules())
     dense = {name: modules[name].weight.detach().clone() for name in plan
              if name in covariances and isinstance(modules.get(name), nn.Linear)}
+    # factorize_ checks the plan and that every planned weight is finite before any SVD (whitened ones below).
     report = factorize_(model, plan, init="svd", stable_ranks=stable_ranks, extra_bn=extra_bn)
     for name, weight in dense.items():
         layer = model.get_submodule(name)
@@ -622,6 +623,7 @@ def decide_ranks_activation_aware(
     error = error or ("absolute" if output_weights else "relative")
     if error not in ("relative", "absolute"):
         raise ValueError(f"error must be 'relative' or 'absolute', got {error!r}.")
+    check_finite(weights, "choosing ranks")  # before the SVDs below (whitened spectra, report stable ranks)
     spectra = {} if rule == "fraction" else whitened_singular_values(
         weights, covariances, damping=damping, scaling=scaling, output_weights=output_weights)
     shapes = {name: (w.shape[0], w[0].numel()) for name, w in weights.items()}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from .activation_aware import LAYER_KINDS, PRETRAINED_DEFAULT_FRACTIONS
 from .profiling import DEFAULT_TOKENS_PER_BATCH
@@ -35,7 +36,65 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or a finite float (never a bool: ``True`` is an int to Python, never a meant number)."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_one_of(value: Any, choices: tuple) -> bool:
+    """``value in choices`` for choices of str and None, without ``==`` on arbitrary objects (arrays)."""
+    return any(value is None if choice is None else isinstance(value, str) and value == choice
+               for choice in choices)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Range(NamedTuple):
+    """The accepted values of one numeric field, and what the error message says about them."""
+
+    kind: type          # int, or float (which takes ints too); never bool
+    low: float
+    high: float         # math.inf: no upper bound
+    ends: str = "[]"    # which ends of [low, high] are open, e.g. "(]"
+    also: tuple = ()    # other accepted values (None, "auto")
+    meaning: str = ""   # what those other values mean, for the message
+    why: str = ""       # why the upper bound, for the message about a value above it
+
+
+# Every numeric field. The upper bounds stop absurd values (a typo, a unit mix-up) that would otherwise hang a
+# measurement, exhaust memory at the switch or never let training switch, long before they would.
+_RANGES = {
+    "energy_threshold": _Range(float, 0, 1, "(]"),
+    "rank_ratio": _Range(float, 0, 1, "(]"),
+    "activation_tokens": _Range(int, 1, 2**24, why="more only slows the input hooks; 16384 was no more accurate "
+                                "than 4096"),
+    "min_rank": _Range(int, 1, 2**20, why="wider than any layer; ranks are clipped to the layer's full rank"),
+    "measure_every_steps": _Range(int, 1, 10**7, also=(None,), meaning="or None to measure once per epoch",
+                                  why="a longer period than any run would never measure, so never switch"),
+    "window": _Range(int, 1, 1000, why="the reference uses 5 to 15 measurements"),
+    "eps_relative": _Range(float, 0, 1, why="1 already calls every layer stable at once; switch early with a "
+                           "small min_warmup_measurements instead"),
+    "ema_decay": _Range(float, 0, 1, "[)"),
+    "min_warmup_measurements": _Range(int, 1, 10**6, why="max_warmup_fraction caps the warm-up anyway"),
+    "max_warmup_fraction": _Range(float, 0, 1, "(]"),
+    "fixed_warmup_fraction": _Range(float, 0, 1),
+    "skip_first_blocks": _Range(int, 0, math.inf, also=(None, "auto"), meaning=(
+        "'auto' (keep dense the layers that factorizing does not speed up) or None (the mode's default)")),
+    "profile_margin": _Range(float, 0, 1, "[)"),
+    "profile_tokens_per_batch": _Range(int, 1, 2**24, why="the layers are timed on an input of that many rows; "
+                                       "use your run's batch size x sequence length"),
+    "frobenius_decay": _Range(float, 0, 1, also=(None,), meaning="or None for the mode's default",
+                              why="the paper uses 1e-4; larger values swamp the loss's gradient"),
+    "rewarmup_steps": _Range(int, 0, 10**7, why="longer than any run"),
+    "power_iterations": _Range(int, 1, 1000, why="each one is a pass over every tracked weight at every "
+                               "measurement; warm-started, 4 suffice"),
+    "seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
+}
+# Fields taking one of a few values (str or None; compared by type too, so True is not 1 and "None" not None).
+_CHOICES = {"mode": MODES, "rank_rule": CONFIG_RANK_RULES, "xi_reference": XI_REFERENCES,
+            "profile_dtype": PROFILE_DTYPES}
 
 
 @dataclass
@@ -123,48 +182,28 @@ class CuttlefishConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the power-iteration start vectors."})
 
     def __post_init__(self) -> None:
-        self._check_choice("mode", MODES)
-        self._check_choice("rank_rule", CONFIG_RANK_RULES)
+        # Every field is checked, types included: a wrong type accepted here fails much later, or silently
+        # means something else (extra_bn="false" is truthy: BatchNorm on, Frobenius decay off).
+        for name, choices in _CHOICES.items():
+            if not _is_one_of(getattr(self, name), choices):
+                raise ValueError(f"{name}={_show(getattr(self, name))} is not valid; choose one of {choices}.")
+        for name, spec in _RANGES.items():
+            self._check_range(name, spec)
+        if not (self.extra_bn is None or isinstance(self.extra_bn, bool)):
+            raise ValueError(f"extra_bn must be True, False or None (the mode's default), got {_show(self.extra_bn)}"
+                             " (a string such as 'false' would count as True).")
         self._check_activation_fractions()
-        if not _is_int(self.activation_tokens) or self.activation_tokens < 1:
-            raise ValueError(f"activation_tokens must be an integer >= 1, got {self.activation_tokens!r}.")
-        self._check_choice("xi_reference", XI_REFERENCES)
         for name in ("target_modules", "exclude_modules"):
             self._check_patterns(name, getattr(self, name))
         if not isinstance(self.rank_pattern, dict):
-            raise ValueError(f"rank_pattern must be a dict {{regex or name suffix: rank}}, got {self.rank_pattern!r}.")
+            raise ValueError(f"rank_pattern must be a dict {{regex or name suffix: rank}}, got "
+                             f"{_show(self.rank_pattern)}.")
         for pattern, rank in self.rank_pattern.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"rank_pattern keys must be regex strings or name suffixes, got {_show(pattern)}.")
             self._check_patterns("rank_pattern", pattern)
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive int rank, got {rank!r}.")
-        self._check_range("energy_threshold", 0.0, 1.0, low_open=True)
-        self._check_range("rank_ratio", 0.0, 1.0, low_open=True)
-        self._check_range("max_warmup_fraction", 0.0, 1.0, low_open=True)
-        self._check_range("fixed_warmup_fraction", 0.0, 1.0)
-        self._check_range("ema_decay", 0.0, 1.0, high_open=True)
-        for name in ("min_rank", "window", "min_warmup_measurements", "power_iterations"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
-        if not _is_real(self.eps_relative) or not self.eps_relative >= 0:  # `not >=` also rejects NaN
-            raise ValueError(f"eps_relative must be a number >= 0, got {self.eps_relative!r}.")
-        if self.measure_every_steps is not None and (not _is_int(self.measure_every_steps)
-                                                      or self.measure_every_steps < 1):
-            raise ValueError(f"measure_every_steps must be an integer >= 1, or None to measure once per epoch; "
-                             f"got {self.measure_every_steps!r}.")
-        if not _is_int(self.rewarmup_steps) or self.rewarmup_steps < 0:
-            raise ValueError(f"rewarmup_steps must be an integer >= 0, got {self.rewarmup_steps!r}.")
-        if self.skip_first_blocks not in (None, "auto") and (not _is_int(self.skip_first_blocks)
-                                                            or self.skip_first_blocks < 0):
-            raise ValueError(f"skip_first_blocks must be an integer >= 0, 'auto' (keep dense the layers that "
-                             f"factorizing does not speed up) or None; got {self.skip_first_blocks!r}.")
-        self._check_range("profile_margin", 0.0, 1.0, high_open=True)
-        if not _is_int(self.profile_tokens_per_batch) or self.profile_tokens_per_batch < 1:
-            raise ValueError(f"profile_tokens_per_batch must be an integer >= 1 (batch size x sequence length), "
-                             f"got {self.profile_tokens_per_batch!r}.")
-        self._check_choice("profile_dtype", PROFILE_DTYPES)
-        if self.frobenius_decay is not None and (not _is_real(self.frobenius_decay) or not self.frobenius_decay >= 0):
-            raise ValueError(f"frobenius_decay must be a number >= 0 (or None for the mode's default), "
-                             f"got {self.frobenius_decay!r}.")
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive int rank, got {_show(rank)}.")
         # Check the resolved values: pufferfish turns extra_bn on by default, so an explicit frobenius_decay > 0
         # there conflicts too, not only an explicit extra_bn=True.
         if self.resolved_extra_bn and self.resolved_frobenius_decay > 0:
@@ -195,24 +234,28 @@ class CuttlefishConfig:
     # -- validation helpers -----------------------------------------------------------------------------
     def _check_activation_fractions(self) -> None:
         fractions = self.activation_fractions
-        if not isinstance(fractions, dict) or any(kind not in LAYER_KINDS for kind in fractions):
+        if not isinstance(fractions, dict) or not all(_is_one_of(kind, LAYER_KINDS) for kind in fractions):
             raise ValueError(f"activation_fractions must be a dict with keys among {LAYER_KINDS}, e.g. "
-                             f"{PRETRAINED_DEFAULT_FRACTIONS}; got {fractions!r}.")
+                             f"{PRETRAINED_DEFAULT_FRACTIONS}; got {_show(fractions)}.")
         for kind, fraction in fractions.items():
             if not _is_real(fraction) or not 0 < fraction <= 1:
-                raise ValueError(f"activation_fractions[{kind!r}] must be in (0, 1], got {fraction!r}.")
+                raise ValueError(f"activation_fractions[{kind!r}] must be a number in (0, 1], got {_show(fraction)}.")
 
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {choices}.")
-
-    def _check_range(self, name: str, low: float, high: float, low_open: bool = False,
-                     high_open: bool = False) -> None:
+    def _check_range(self, name: str, spec: _Range) -> None:
         value = getattr(self, name)
-        ok = _is_real(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-        if not ok:
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ValueError(f"{name} must be in {interval}, got {value!r}.")
+        if _is_one_of(value, spec.also):
+            return
+        if (_is_int(value) if spec.kind is int else _is_real(value)) and \
+                (value > spec.low if spec.ends[0] == "(" else value >= spec.low) and \
+                (value < spec.high if spec.ends[1] == ")" else value <= spec.high):
+            return
+        accepted = "an integer" if spec.kind is int else "a number"
+        accepted += f" {'>' if spec.ends[0] == '(' else '>='} {spec.low}"
+        if spec.high != math.inf:
+            accepted += f" and {'<' if spec.ends[1] == ')' else '<='} {spec.high}"
+        also = f", {spec.meaning}" if spec.meaning else ""
+        why = f" ({spec.why})" if spec.why and _is_real(value) and value > spec.high else ""  # over the top
+        raise ValueError(f"{name} must be {accepted}{also}{why}; got {_show(value)}.")
 
     @staticmethod
     def _check_patterns(name: str, patterns: Any) -> None:
@@ -221,10 +264,10 @@ class CuttlefishConfig:
         if isinstance(patterns, str):
             try:
                 re.compile(patterns)
-            except re.error as error:
-                raise ValueError(f"{name}={patterns!r} is not a valid regular expression: {error}.") from None
+            except (re.error, RecursionError, OverflowError) as error:  # too deeply nested, or a{99999999999}
+                raise ValueError(f"{name}={_show(patterns)} is not a valid regular expression: {error}.") from None
         elif not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
-            raise ValueError(f"{name} must be a regex string or a list of module names, got {patterns!r}.")
+            raise ValueError(f"{name} must be a regex string or a list of module names, got {_show(patterns)}.")
 
     # -- serialization ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

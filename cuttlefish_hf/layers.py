@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .stable_rank import check_finite
+
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "dense_shape", "full_rank"]
 
 
@@ -36,9 +38,16 @@ def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """``(first, second)`` with ``second @ first`` the best rank-``rank`` approximation of ``matrix`` (fp32).
 
     ``first = sqrt(S_r) V_r^T`` has shape ``(rank, n)``, ``second = U_r sqrt(S_r)`` shape ``(m, rank)``.
+    A matrix holding NaN/inf raises a ValueError (callers that know the layer's name check it first).
     """
-    u, s, vh = torch.linalg.svd(matrix.detach().float(), full_matrices=False)
-    root = s[:rank].sqrt()
+    matrix = matrix.detach().float()
+    check_finite({f"a {'x'.join(map(str, matrix.shape))} matrix": matrix})
+    # SVD of the matrix divided by its largest entry, the scale put back as sqrt on each factor: the fp32 SVD
+    # of a matrix of 1e38 entries is NaN (its singular values overflow), its square-root factors are not.
+    scale = matrix.abs().max()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u, s, vh = torch.linalg.svd(matrix / scale, full_matrices=False)
+    root = s[:rank].sqrt() * scale.sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root
 
 

@@ -143,7 +143,12 @@ def synthetic_input_shape(module: nn.Module, tokens_per_batch: int) -> tuple[int
     shape = dense_shape(module)
     if len(shape) == 2:
         return (tokens_per_batch, shape[1])
-    side = max(1, math.isqrt(tokens_per_batch))
+    # At least 2 output positions per channel whatever the geometry: an extra BatchNorm in training mode
+    # refuses a single value per channel.
+    conv = _geometry(module)[0]
+    padding = 0 if isinstance(conv.padding, str) else min(conv.padding)
+    smallest = max(conv.stride) + max(conv.dilation) * (max(conv.kernel_size) - 1) + 1 - 2 * padding
+    side = max(2, smallest, math.isqrt(tokens_per_batch))
     return (1, shape[1], side, side)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stable_rank import singular_values
+from .stable_rank import check_finite, singular_values
 
 __all__ = [
     "RANK_RULES",
@@ -118,10 +118,13 @@ def decide_ranks(
     """Decide every layer's rank from exact singular values (batched by shape).
 
     ``rank_overrides`` (from ``rank_pattern``) replace the rule's rank for the named layers. A layer whose
-    rank reaches :func:`break_even_rank` is marked ``factorize=False``.
+    rank reaches :func:`break_even_rank` is marked ``factorize=False``. NaN/inf weights raise a ValueError
+    naming them.
     """
+    check_finite(weights, "choosing ranks")
     names = list(weights)
-    spectra: Sequence[torch.Tensor] = singular_values([weights[name] for name in names])
+    # Normalized spectra: every rule is scale invariant, and fp32 weights near 1e38 would give a NaN SVD.
+    spectra: Sequence[torch.Tensor] = singular_values([weights[name] for name in names], normalized=True)
     decisions = []
     for name, values in zip(names, spectra):
         values = values.cpu()

@@ -7,22 +7,44 @@ Two paths share one batched core:
   measurement, warm-started from the previous measurement's singular vectors.
 
 Layers of the same shape are stacked and processed in one batched call on the weights' own device; the
-results stay on that device until the caller asks for them once.
+results stay on that device until the caller asks for them once. Each matrix is divided by its largest
+absolute entry before anything is squared (stable rank is scale invariant), so fp32 weights of 1e30 or
+1e-30 neither overflow nor underflow.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["as_matrix", "stable_rank", "stable_ranks", "singular_values", "StableRankMeter"]
+__all__ = ["as_matrix", "check_finite", "stable_rank", "stable_ranks", "singular_values", "StableRankMeter"]
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """View a Linear ``(out, in)`` or Conv ``(out, in, k, k)`` weight as an fp32 ``(out, in*k*k)`` matrix."""
     return weight.detach().reshape(weight.shape[0], -1).float()
+
+
+def check_finite(named_weights: Mapping[str, torch.Tensor], when: str = "factorizing") -> None:
+    """Raise a ValueError naming every weight that holds NaN or inf; call it before an SVD of weights.
+
+    Without it LAPACK fails on NaN with an error that names no layer, and inf turns silently into NaN factors.
+    """
+    bad = [name for name, weight in named_weights.items() if not bool(torch.isfinite(weight.detach()).all())]
+    if bad:
+        shown = ", ".join(map(repr, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"The weights of {shown} are NaN/inf before {when}: the model was loaded broken or "
+                         "training diverged. Lower the learning rate (or clip gradients), and check for overflow "
+                         "under fp16 (use bf16 or a gradient scaler).")
+
+
+def _normalized(matrices: torch.Tensor) -> torch.Tensor:
+    """``(B, m, n)`` matrices each divided by its largest absolute entry (a zero matrix stays zero)."""
+    scale = matrices.abs().amax(dim=(1, 2), keepdim=True)
+    return matrices / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _group_by_shape(weights: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -32,20 +54,33 @@ def _group_by_shape(weights: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
-def singular_values(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Exact singular values (descending, fp32) of each weight, batched over weights of equal shape."""
+def singular_values(weights: Sequence[torch.Tensor], *, normalized: bool = False) -> list[torch.Tensor]:
+    """Exact singular values (descending, fp32) of each weight, batched over weights of equal shape.
+
+    ``normalized=True`` gives those of each weight divided by its largest absolute entry: the same up to one
+    scale per weight (all the rank rules are scale invariant), and finite for weights near the fp32 limits
+    (the SVD of a matrix of 1e38 entries is NaN in fp32).
+
+    A weight holding NaN/inf gets NaN values, as from any other torch op (LAPACK would fail on its whole
+    batch naming no layer); callers that know the layers' names call :func:`check_finite` first.
+    """
     result: list[torch.Tensor] = [torch.empty(0)] * len(weights)
     for indices in _group_by_shape(weights).values():
         stacked = torch.stack([as_matrix(weights[i]) for i in indices])
-        for i, values in zip(indices, torch.linalg.svdvals(stacked)):
-            result[i] = values
+        if normalized:
+            stacked = _normalized(stacked)
+        finite = torch.isfinite(stacked).all(dim=2).all(dim=1)  # on the device: no host sync
+        values = torch.linalg.svdvals(torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked)))
+        values = torch.where(finite[:, None], values, torch.full_like(values, float("nan")))
+        for i, row in zip(indices, values):
+            result[i] = row
     return result
 
 
 def stable_ranks(weights: Sequence[torch.Tensor]) -> list[float]:
     """Exact stable ranks of many weights (one host transfer per shape group)."""
     ranks: list[float] = []
-    for values in singular_values(weights):
+    for values in singular_values(weights, normalized=True):
         # Clamp the square, not sigma: a clamped tiny sigma squares to 0 and a zero matrix would give 0/0 = NaN.
         top_sq = values[0].square().clamp_min(torch.finfo(values.dtype).tiny)
         ranks.append(float((values.square().sum() / top_sq).item()))
@@ -93,6 +128,7 @@ class StableRankMeter:
         if all(name in self._vectors and self._vectors[name].shape == matrices.shape[2:] for name in names):
             return torch.stack([self._vectors[name] for name in names]).to(matrices.device), self.n_iter
         if self.exact_start:
+            check_finite(dict(zip(names, matrices)), "measuring stable ranks")  # once per layer: no SVD of NaN
             return torch.linalg.svd(matrices, full_matrices=False).Vh[:, 0, :], self.n_iter
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(matrices.shape[0], matrices.shape[2], generator=generator)
@@ -106,7 +142,8 @@ class StableRankMeter:
         per_group: list[tuple[list[str], torch.Tensor]] = []
         for indices in _group_by_shape(tensors).values():
             group_names = [names[i] for i in indices]
-            matrices = torch.stack([as_matrix(tensors[i]) for i in indices])  # (B, m, n)
+            # Normalized: power iteration multiplies the matrix twice per step and squares the Frobenius norm.
+            matrices = _normalized(torch.stack([as_matrix(tensors[i]) for i in indices]))  # (B, m, n)
             vectors, n_iter = self._start_vectors(group_names, matrices)
             for _ in range(n_iter):
                 vectors = torch.bmm(matrices, vectors.unsqueeze(-1))  # (B, m, 1)
@@ -126,6 +163,11 @@ class StableRankMeter:
         result: dict[str, float] = {}
         for group_names, ranks in per_group:  # one host transfer per shape group, after all the math
             result.update(zip(group_names, ranks.tolist()))
+        # A normalized finite matrix has a finite stable rank, so a NaN/inf one means NaN/inf weights: name
+        # them now rather than feed NaN to the tracker (checking every weight up front would cost a sync each).
+        diverged = [name for name in names if not math.isfinite(result[name])]
+        if diverged:
+            check_finite({name: weights[name] for name in diverged}, "measuring stable ranks")
         return {name: result[name] for name in names}
 
     def forget(self, names: Sequence[str]) -> None:

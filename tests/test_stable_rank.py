@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from cuttlefish_hf.stable_rank import StableRankMeter, as_matrix, singular_values, stable_rank, stable_ranks
+from cuttlefish_hf.stable_rank import (
+    StableRankMeter,
+    as_matrix,
+    check_finite,
+    singular_values,
+    stable_rank,
+    stable_ranks,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -234,3 +241,64 @@ def test_meter_recovers_after_zero_weight():
     meter = StableRankMeter(n_iter=20)
     meter.measure({"z": torch.zeros(4, 4)})
     assert meter.measure({"z": weight})["z"] == pytest.approx(stable_rank(weight), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- extreme and non-finite weights
+@pytest.mark.parametrize("scale", [1e30, 1e37, 1e-30, 1e-37])
+def test_extreme_scales_give_the_unscaled_stable_rank(scale):
+    # 1e30 fp32 entries used to square to inf (stable rank NaN), 1e-30 ones to 0 (stable rank 0).
+    weights = {"square": torch.randn(24, 24, generator=_gen(20)), "conv": torch.randn(8, 4, 3, 3, generator=_gen(21))}
+    expected = {name: stable_rank(weight) for name, weight in weights.items()}
+    scaled = {name: weight * scale for name, weight in weights.items()}
+    assert all(torch.isfinite(w).all() and w.abs().max() > 0 for w in scaled.values())  # fp32 holds them
+    for name, weight in scaled.items():
+        assert stable_rank(weight) == pytest.approx(expected[name], rel=1e-5)
+    meter, reference = StableRankMeter(), StableRankMeter()
+    for _ in range(2):  # exact start, then warm start
+        got, want = meter.measure(scaled), reference.measure(weights)
+        assert got == pytest.approx(want, rel=1e-4)
+    assert got == pytest.approx(expected, rel=1e-3)
+    # normalized singular values: the spectrum's shape, whatever the scale (1 at the top)
+    values = singular_values(list(scaled.values()), normalized=True)
+    plain = singular_values(list(weights.values()))
+    for got_values, want_values in zip(values, plain):
+        assert torch.allclose(got_values / got_values[0], want_values / want_values[0], rtol=1e-4, atol=1e-6)
+
+
+def test_check_finite_names_every_bad_layer_and_the_fix():
+    good, nan, inf = torch.ones(3, 3), torch.ones(3, 3), torch.ones(2, 2, 3, 3)
+    nan[1, 2], inf[0, 1, 2, 2] = float("nan"), float("-inf")
+    check_finite({"good": good})  # finite: no error
+    with pytest.raises(ValueError) as info:
+        check_finite({"good": good, "blocks.0.fc": nan, "blocks.1.conv": inf.half()}, "choosing ranks")
+    message = str(info.value)
+    assert message.startswith("The weights of 'blocks.0.fc', 'blocks.1.conv' are NaN/inf before choosing ranks")
+    assert "'good'" not in message
+    assert "learning rate" in message and "fp16" in message
+    with pytest.raises(ValueError, match=r"'l3', 'l4' and 3 more are NaN/inf before factorizing"):
+        check_finite({f"l{i}": nan for i in range(8)})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_meter_names_non_finite_weights(bad):
+    # Used to fail in torch.linalg.svd naming no layer (first measurement) or return NaN (warm-started ones).
+    weights = {"ok": torch.randn(6, 6, generator=_gen(22)), "diverged": torch.randn(6, 6, generator=_gen(23))}
+    broken = dict(weights, diverged=weights["diverged"].clone().index_fill_(0, torch.tensor([2]), bad))
+    with pytest.raises(ValueError, match=r"^The weights of 'diverged' are NaN/inf before measuring stable ranks"):
+        StableRankMeter().measure(broken)
+    meter = StableRankMeter()
+    meter.measure(weights)
+    with pytest.raises(ValueError, match=r"^The weights of 'diverged' are NaN/inf before measuring stable ranks"):
+        meter.measure(broken)
+
+
+def test_exact_stable_ranks_of_non_finite_weights_are_nan_not_a_lapack_error():
+    # Callers without names (a list of weights) get NaN for the broken ones and exact values for the rest;
+    # a NaN used to make LAPACK fail the whole batch ("linalg.svd: ... non-finite values"), naming no layer.
+    good = torch.randn(6, 6, generator=_gen(24))
+    weights = [good, torch.full((6, 6), float("nan")), good.clone().fill_(float("inf")), torch.eye(6)]
+    ranks = stable_ranks(weights)
+    assert ranks[0] == pytest.approx(stable_rank(good), rel=1e-6) and ranks[3] == pytest.approx(6.0, rel=1e-6)
+    assert math.isnan(ranks[1]) and math.isnan(ranks[2])
+    values = singular_values(weights)
+    assert torch.isnan(values[1]).all() and torch.isfinite(values[0]).all()
