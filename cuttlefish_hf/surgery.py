@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear
+from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape
+from .stable_rank import check_finite
+from .targeting import shared_weight_error, shared_weights
 
-__all__ = ["LayerReport", "FactorizationReport", "factorize_", "merge_", "factorized_plan", "count_parameters"]
+__all__ = ["LayerReport", "FactorizationReport", "factorize_", "merge_", "factorized_plan", "factorization_report",
+           "count_parameters", "register_plan_recorder", "unwrap_compiled"]
+
+# Called with the model after every factorize_ / merge_: the Hub layer registers the function that records the
+# plan in a transformers model's config, so that no save_pretrained can leave the plan behind.
+_plan_recorders: list[Callable[[nn.Module], None]] = []
+
+
+def register_plan_recorder(recorder: Callable[[nn.Module], None]) -> None:
+    """Have ``recorder(model)`` called after every change of a model's factorized layers (once per function)."""
+    if recorder not in _plan_recorders:
+        _plan_recorders.append(recorder)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (whose names all start with ``_orig_mod.``), else ``model``."""
+    return getattr(model, "_orig_mod", model)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -100,7 +119,12 @@ def _factorized_from(module: nn.Module, rank: int, extra_bn: bool, init: str) ->
 
 
 def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "cuttlefish")
+    if str(getattr(method, "value", method)) != "cuttlefish":
+        raise ValueError(f"The model is quantized ({method}); factorize a model loaded without quantization.")
+    # Every name of a module registered twice, so that its second name is refused as shared, not unknown.
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = [name for name in plan if name not in modules]
     if unknown:
         raise ValueError(f"The plan names modules this model does not have: {unknown[:5]}. Was it made for "
@@ -110,6 +134,7 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
     if inside:
         raise ValueError(f"The plan names layers inside already factorized layers: {inside[:5]}; a layer is "
                          "factorized once (merge_ it first to change its rank).")
+    shared = shared_weights(model)
     for name, rank in plan.items():
         module = modules[name]
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -118,6 +143,8 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(f"Plan entry {name!r} is a grouped Conv2d (groups={module.groups}), which cannot be "
                              "factorized; leave it out of the plan (e.g. with `exclude_modules`).")
+        if name in shared:  # replacing one holder of a shared weight would silently untie the others
+            raise shared_weight_error(name, shared)
         full_rank = min(module.weight.shape[0], module.weight[0].numel())
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
             raise ValueError(f"Rank {rank!r} for {name!r} does not fit its {tuple(module.weight.shape)} weight: "
@@ -148,7 +175,9 @@ def factorize_(
 
     ``init="svd"`` starts the factors from the truncated SVD of the dense weight (the default);
     ``init="empty"`` only builds the architecture, for loading factorized weights into it afterwards.
-    The whole plan is checked before any module is touched.
+    The whole plan is checked before any module is touched. A ``torch.compile`` wrapper is looked through
+    (plan names with or without ``_orig_mod.``); a transformers model gets the plan recorded in its config, so
+    ``model.save_pretrained`` saves it.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -158,7 +187,15 @@ def factorize_(
     """
     if init not in ("svd", "empty"):
         raise ValueError(f"init must be 'svd' or 'empty', got {init!r}.")
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"plan must map module names to ranks, e.g. {{'encoder.layer.0.output.dense': 64}}; got "
+                         f"{type(plan).__name__} {plan!r:.80}.")
+    if model is not unwrap_compiled(model):
+        model = unwrap_compiled(model)
+        plan = {name.removeprefix("_orig_mod."): rank for name, rank in plan.items()}
     modules = _check_plan(model, plan)
+    if init == "svd":  # before any module is touched; "empty" reads no weights, so NaN ones do not matter
+        check_finite({name: module.weight for name, module in modules.items()})
     report = FactorizationReport(model_params_before=count_parameters(model))
     for name, module in modules.items():
         new = _factorized_from(module, plan[name], extra_bn, init)
@@ -168,7 +205,13 @@ def factorize_(
             params_before=count_parameters(module), params_after=count_parameters(new),
             stable_rank=None if stable_ranks is None else stable_ranks.get(name)))
     report.model_params_after = count_parameters(model)
+    _record_plan(model)
     return report
+
+
+def _record_plan(model: nn.Module) -> None:
+    for recorder in _plan_recorders:
+        recorder(model)
 
 
 def factorized_plan(model: nn.Module) -> dict[str, int]:
@@ -179,6 +222,7 @@ def factorized_plan(model: nn.Module) -> dict[str, int]:
 @torch.no_grad()
 def merge_(model: nn.Module) -> int:
     """Fold every factorized layer back into a dense ``nn.Linear`` / ``nn.Conv2d``; returns how many."""
+    model = unwrap_compiled(model)
     factorized = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
     # Check everything first so a failure leaves the model untouched rather than half merged.
     with_bn = [name for name, m in factorized if not isinstance(m.middle, nn.Identity)]
@@ -188,4 +232,20 @@ def merge_(model: nn.Module) -> int:
     for name, module in factorized:
         dense = module.to_linear() if isinstance(module, FactorizedLinear) else module.to_conv()
         _set_submodule(model, name, dense)
+    if factorized:
+        _record_plan(model)
     return len(factorized)
+
+
+def factorization_report(model: nn.Module) -> FactorizationReport:
+    """The :class:`FactorizationReport` of the factorized layers a model holds now (without stable ranks)."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLayer):
+            shape = dense_shape(module)
+            bias = module.second.bias
+            before = math.prod(shape) + (bias.numel() if bias is not None else 0)
+            layers.append(LayerReport(name, shape, module.rank, before, count_parameters(module)))
+    after = count_parameters(model)
+    before = after + sum(layer.params_before - layer.params_after for layer in layers)
+    return FactorizationReport(layers, before, after)

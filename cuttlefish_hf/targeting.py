@@ -5,7 +5,8 @@ library's module names: a Linear layer, or a Conv2d with a kernel larger than 1x
 and ``groups == 1``, that lives inside a repeated block (an element of an
 ``nn.ModuleList`` / ``nn.Sequential``, e.g. ``bert.encoder.layer.0``, ``blocks.3``,
 ``layer2.1``), unless one of its name components is a never-target component
-(embeddings, patch embeddings, pooler, classifier, heads).
+(embeddings, patch embeddings, pooler, classifier, heads) or its weight is shared with
+another module (see :func:`shared_weights`).
 
 An explicit ``target_modules`` follows PEFT semantics (see :func:`matches`).
 """
@@ -40,6 +41,41 @@ def matches(name: str, patterns: str | list[str]) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """``{Linear/Conv2d name: other module names holding its weight}`` for every layer whose weight is shared.
+
+    Sharing is a weight tied to another module (an LM head tied to the word embeddings, ALBERT-style
+    tying) or one module registered under several names; every name of such a module is a key.
+    """
+    owners: dict[int, list[str]] = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        module_name = param_name.rpartition(".")[0]
+        owners.setdefault(id(param), []).append(module_name or param_name)  # a root parameter: its own name
+    shared: dict[str, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and isinstance(module, _TARGET_TYPES):
+            others = [o for o in dict.fromkeys(owners.get(id(module.weight), ())) if o != name]
+            if others:
+                shared[name] = others
+    return shared
+
+
+def shared_weight_error(name: str, shared: dict[str, list[str]]) -> ValueError:
+    """The error for factorizing ``name``, a key of :func:`shared_weights` (one message for every caller)."""
+    others = shared[name]
+    # Only Linear/Conv2d sharers could be targets too; suggesting to exclude an embedding would be noise.
+    exclude = [name, *(o for o in others if o in shared)]
+    return ValueError(
+        f"{name!r} shares its weight with {', '.join(map(repr, others))} (tied weights, or one module registered "
+        "under several names); factorizing it would untie them and add parameters. Leave it out of the plan, "
+        f"e.g. with exclude_modules={exclude!r}."
+    )
+
+
+def _shared_reason(name: str, shared: dict[str, list[str]]) -> str:
+    return f"shares its weight with {', '.join(map(repr, shared[name]))}"
 
 
 def _block_prefix(name: str, modules: dict[str, nn.Module]) -> str | None:
@@ -93,8 +129,9 @@ def _skip_reason(
     modules: dict[str, nn.Module],
     target_modules: str | list[str] | None,
     exclude_modules: str | list[str] | None,
+    shared: dict[str, list[str]],
 ) -> str | None:
-    """Why the Linear/Conv2d ``name`` is not targeted, or ``None`` if it is."""
+    """Why the Linear/Conv2d ``name`` is not targeted, or ``None`` if it is (``shared``: :func:`shared_weights`)."""
     if exclude_modules is not None and matches(name, exclude_modules):
         return "excluded by exclude_modules"
     if isinstance(module, FactorizedLayer):  # factorized earlier (e.g. a resumed run): still a target
@@ -105,12 +142,14 @@ def _skip_reason(
             return "not matched by target_modules"
         if is_conv and module.groups != 1:
             return f"grouped conv (groups={module.groups})"
-        return None
+        return _shared_reason(name, shared) if name in shared else None
     for part in name.split("."):
         if any(re.fullmatch(p, part) for p in _NEVER_TARGET):
             return f"never-target component {part!r}"
     if _block_prefix(name, modules) is None:
         return "outside a repeated block"
+    if name in shared:  # e.g. a Linear reused by several blocks: factorizing it would untie it
+        return _shared_reason(name, shared)
     if is_conv and tuple(module.kernel_size) == (1, 1):
         return "1x1 conv"
     if is_conv and module.groups != 1:
@@ -152,13 +191,14 @@ def describe_targets(
     """Classify every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` as targeted or skipped (with
     a reason). Unlike :func:`find_targets` it does not raise when nothing matches."""
     modules = dict(model.named_modules())
+    shared = shared_weights(model)
     report = TargetReport(matched=[], skipped={})
     inside_factorized = tuple(f"{name}." for name, m in modules.items() if isinstance(m, FactorizedLayer))
     for name, module in modules.items():
         if not name or not isinstance(module, (*_TARGET_TYPES, FactorizedLayer)) or name.startswith(inside_factorized):
             continue
         report.layers[name] = (type(module).__name__, "x".join(str(d) for d in dense_shape(module)))
-        reason = _skip_reason(name, module, modules, target_modules, exclude_modules)
+        reason = _skip_reason(name, module, modules, target_modules, exclude_modules, shared)
         if reason is None:
             report.matched.append(name)
         else:
@@ -171,7 +211,9 @@ def _check_explicit_matches(
 ) -> None:
     """Raise if an explicit ``target_modules`` hits a module that cannot be factorized."""
     fix = "narrow target_modules or add the module to exclude_modules"
-    for name, module in model.named_modules():
+    shared = shared_weights(model)
+    # Every name of a module registered twice: target_modules may name only its second one.
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name or not matches(name, target_modules):
             continue
         if exclude_modules is not None and matches(name, exclude_modules):
@@ -186,6 +228,8 @@ def _check_explicit_matches(
                 f"target_modules={target_modules!r} matched {name!r}, a grouped/depthwise Conv2d "
                 f"(groups={module.groups}) that cannot be factorized; {fix}."
             )
+        if name in shared:
+            raise shared_weight_error(name, shared)
 
 
 def _no_match_error(
@@ -234,7 +278,8 @@ def find_targets(
          'bert.encoder.layer.1.attention.self.query', 'bert.encoder.layer.1.attention.self.value']
 
     Raises ``ValueError`` if nothing matches (listing candidate names), or if an explicit
-    ``target_modules`` matches a module that is not Linear/Conv2d or is a grouped Conv2d.
+    ``target_modules`` matches a module that is not Linear/Conv2d, is a grouped Conv2d or shares
+    its weight (see :func:`shared_weights`; ``"auto"`` skips such layers).
     """
     if not _is_auto(target_modules):
         _check_explicit_matches(model, target_modules, exclude_modules)

@@ -304,3 +304,115 @@ def test_tiny_bert_full_rank_is_exact():
     assert count_parameters(model) == before - report.target_params_before + report.target_params_after
     assert report.model_params_after == count_parameters(model)
     assert factorized_plan(model) == plan
+
+
+# --------------------------------------------------------------------------- shared / tied weights
+def _tiny_masked_lm(tie: bool = True):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=tie)
+    return transformers.BertForMaskedLM(config).eval()
+
+
+def test_tied_decoder_in_plan_raises_before_any_change():
+    model = _tiny_masked_lm(tie=True)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    snapshot, params = _snapshot(model), count_parameters(model)
+    plan = {"bert.encoder.layer.0.attention.self.query": 4, "cls.predictions.decoder": 4}  # valid entry first
+    with pytest.raises(ValueError) as err:
+        factorize_(model, plan)
+    msg = str(err.value)
+    assert "'cls.predictions.decoder'" in msg and "'bert.embeddings.word_embeddings'" in msg
+    assert "exclude_modules=['cls.predictions.decoder']" in msg  # the embedding is no target: not suggested
+    assert _untouched(model, snapshot) and count_parameters(model) == params
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_shared_linear_in_plan_raises_before_any_change():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared)  # one module under the names '1' and '3'
+    snapshot = _snapshot(model)
+    for name, other in (("1", "'3'"), ("3", "'1'")):  # the second name used to be reported as unknown
+        with pytest.raises(ValueError, match=rf"'{name}' shares its weight with {other}.*exclude_modules"):
+            factorize_(model, {"0": 2, name: 2})
+        assert _untouched(model, snapshot) and count_parameters(model) == 2 * 20  # the shared one counted once
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))  # two modules, one weight Parameter
+    tied[1].weight = tied[0].weight
+    snapshot = _snapshot(tied)
+    with pytest.raises(ValueError, match=r"'0' shares its weight with '1'.*exclude_modules=\['0', '1'\]"):
+        factorize_(tied, {"0": 2})
+    assert _untouched(tied, snapshot) and count_parameters(tied) == 16 + 4 + 4
+
+
+def test_untied_decoder_still_factorizes():
+    model = _tiny_masked_lm(tie=False)
+    before = count_parameters(model)
+    report = factorize_(model, {"cls.predictions.decoder": 4})
+    assert isinstance(model.cls.predictions.decoder, FactorizedLinear)
+    assert report.layers[0].params_after == 4 * (64 + 32) + 64
+    assert count_parameters(model) == before - (64 * 32 + 64) + 4 * (64 + 32) + 64
+
+
+def test_tied_masked_lm_auto_targets_save_and_reload(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from cuttlefish_hf import hub
+    from cuttlefish_hf.targeting import find_targets
+
+    model = _tiny_masked_lm(tie=True)
+    targets = find_targets(model)
+    assert len(targets) == 12 and all(name.startswith("bert.encoder.layer.") for name in targets)
+    factorize_(model, {name: 4 for name in targets})
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    input_ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    hub.save_pretrained(model, tmp_path)
+    again = hub.from_pretrained(transformers.AutoModelForMaskedLM, tmp_path).eval()
+    assert factorized_plan(again) == {name: 4 for name in targets}
+    decoder, embedding = again.cls.predictions.decoder.weight, again.bert.embeddings.word_embeddings.weight
+    assert decoder.data_ptr() == embedding.data_ptr()  # still tied after the reload
+    assert torch.equal(embedding, model.bert.embeddings.word_embeddings.weight)
+    with torch.no_grad():
+        got = again(input_ids=input_ids).logits
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+# --------------------------------------------------------------------------- non-finite and extreme weights
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_raise_naming_the_layers_before_any_change(bad):
+    # NaN used to fail inside torch.linalg.svd naming no layer; inf silently gave NaN factors.
+    model = ConvNet()
+    with torch.no_grad():
+        model.features[2].weight[0, 0, 1, 1] = bad
+        model.fc.weight[3, 5] = -bad
+    types, _, ids = _snapshot(model)  # (values are not compared: NaN != NaN)
+    with pytest.raises(ValueError) as info:
+        factorize_(model, {"features.0": 2, "features.2": 4, "fc": 2})
+    message = str(info.value)
+    assert message.startswith("The weights of 'features.2', 'fc' are NaN/inf before factorizing")
+    assert "'features.0'" not in message and "learning rate" in message
+    assert _snapshot(model)[0] == types and _snapshot(model)[2] == ids  # nothing replaced, not even features.0
+    # init="empty" reads no weight, so NaN ones do not stop it (the factors are loaded afterwards)
+    factorize_(model, {"features.2": 4, "fc": 2}, init="empty")
+    assert factorized_plan(model) == {"features.2": 4, "fc": 2}
+
+
+@pytest.mark.parametrize("largest", [1e38, 1e-37])
+def test_extreme_weights_factorize_to_finite_exact_factors(largest):
+    # The fp32 SVD of a finite matrix of 1e38 entries overflows (NaN factors) unless it is normalized first.
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        for name in ("features.2", "fc"):
+            weight = model.get_submodule(name).weight
+            weight.div_(weight.abs().max()).mul_(largest)
+    dense = {name: model.get_submodule(name).weight.detach().clone() for name in ("features.2", "fc")}
+    factorize_(model, {"features.2": 16, "fc": 4})  # full ranks: the factors must reproduce the weights
+    for name, weight in dense.items():
+        layer = model.get_submodule(name)
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
+        root = largest ** 0.5  # the product itself may not fit fp32: compare the factors scaled down
+        first = layer.first.weight.reshape(layer.rank, -1) / root
+        second = layer.second.weight.reshape(-1, layer.rank) / root
+        assert torch.allclose((second @ first).reshape_as(weight), weight / largest, rtol=1e-4, atol=1e-5)

@@ -362,3 +362,54 @@ def test_describe_targets_reports_unmatched_reason() -> None:
 def test_target_report_str_without_layer_info() -> None:
     text = str(TargetReport(matched=["a.0.fc"], skipped={"head": "never-target component 'head'"}))
     assert "a.0.fc" in text and "never-target component 'head'" in text
+
+
+def _shared_blocks_model() -> nn.Module:
+    """Two blocks; block 1 reuses block 0's ``fc`` module and ties its ``out`` weight to block 0's ``out``."""
+    blocks = nn.ModuleList([_Named(fc=nn.Linear(8, 8), out=nn.Linear(8, 8), own=nn.Linear(8, 8)) for _ in range(2)])
+    blocks[1].fc = blocks[0].fc
+    blocks[1].out.weight = blocks[0].out.weight
+    return _Named(blocks=blocks)
+
+
+def test_auto_skips_layers_with_shared_weights() -> None:
+    model = _shared_blocks_model()
+    assert find_targets(model) == ["blocks.0.own", "blocks.1.own"]
+    skipped = describe_targets(model).skipped
+    assert skipped == {
+        "blocks.0.fc": "shares its weight with 'blocks.1.fc'",  # one module, listed once under its first name
+        "blocks.0.out": "shares its weight with 'blocks.1.out'",
+        "blocks.1.out": "shares its weight with 'blocks.0.out'",
+    }
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "name", "others"),
+    [
+        (["fc"], "blocks.0.fc", "'blocks.1.fc'"),
+        (["blocks.1.fc"], "blocks.1.fc", "'blocks.0.fc'"),  # the second name of a module registered twice
+        (r".*\.out", "blocks.0.out", "'blocks.1.out'"),
+    ],
+)
+def test_explicit_shared_target_raises_like_factorize(target_modules: str | list[str], name: str, others: str) -> None:
+    from cuttlefish_hf.surgery import factorize_
+
+    model = _shared_blocks_model()
+    with pytest.raises(ValueError, match=rf"'{name}' shares its weight with {others}.*exclude_modules") as err:
+        find_targets(model, target_modules)
+    with pytest.raises(ValueError) as from_factorize:
+        factorize_(model, {name: 2})
+    assert str(err.value) == str(from_factorize.value)  # one message, one helper
+    assert find_targets(model, ["fc", "out", "own"], exclude_modules=["fc", "out"]) == ["blocks.0.own", "blocks.1.own"]
+
+
+def test_tied_lm_decoder_is_never_a_target() -> None:
+    model = tf.BertForMaskedLM(tf.BertConfig(**TINY_TEXT, tie_word_embeddings=True))
+    assert find_targets(model) == _per_block("bert.encoder.layer", 2, BERT_SUFFIXES)
+    with pytest.raises(ValueError, match=r"'cls\.predictions\.decoder'.*'bert\.embeddings\.word_embeddings'"):
+        find_targets(model, ["decoder", "query"])
+    reason = describe_targets(model, ["decoder"]).skipped["cls.predictions.decoder"]
+    assert reason == "shares its weight with 'bert.embeddings.word_embeddings'"
+    assert find_targets(model, ["decoder", "query"], exclude_modules=["decoder"]) == _per_block(
+        "bert.encoder.layer", 2, ["attention.self.query"]
+    )
