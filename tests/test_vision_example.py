@@ -135,6 +135,95 @@ def test_data_readers(image_folder, idx_folder, cifar_folder, tmp_path):
         {"window": 3, "extra_bn": True, "skip_first_blocks": "auto"}
 
 
+def test_cifar_batch_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    with open(tmp_path / "data_batch_1", "wb") as handle:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, handle)
+    with pytest.raises(ValueError, match=r"data_batch_1: refusing to load builtins\.exec"):
+        train.read_cifar10(tmp_path, "train")
+    assert not marker.exists()
+    with open(tmp_path / "data_batch_1", "rb") as handle:  # the payload is real: plain pickle runs it
+        pickle.load(handle)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_load_with_their_values(tmp_path, protocol):
+    """Batches as CIFAR-10 ships them (a dict of bytes keys, a uint8 N x 3072 array of R, G, B planes, a label list)
+    in the pickle protocols numpy writes them with."""
+    data = np.concatenate([np.full((2, 1024), value, np.uint8) for value in (10, 20, 30)], axis=1)
+    data[1] += 1
+    data[0, 1] = 99  # red, row 0, column 1
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [7, 3], b"data": data,
+             b"filenames": [b"a.png", b"b.png"]}
+    raw = pickle.dumps(batch, protocol=protocol)
+    if protocol == 2:  # the real files name numpy's module as the numpy of their time did
+        raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    (tmp_path / "test_batch").write_bytes(raw)
+    images, labels = train.read_cifar10(tmp_path, "val")
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8 and labels.tolist() == [7, 3]
+    assert images[0, 0, 1].tolist() == [99, 20, 30] and images[0, 5, 7].tolist() == [10, 20, 30]
+    assert images[1, 31, 31].tolist() == [11, 21, 31]
+    del batch[b"labels"]
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR-10 python batch: expected a dict with "
+                                         r"b'data' \(N x 3072 uint8\) and b'labels' \(N labels\)"):
+        train.read_cifar10(tmp_path, "val")
+
+
+def test_idx_files_that_disagree_or_are_damaged_are_refused(tmp_path):
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((5, 4, 4)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(4))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte holds 5 images but \S*train-labels-idx1-ubyte "
+                                         r"holds 4 labels"):
+        train.load_split("fashion_mnist", tmp_path, "train", transform=None, mode="L")
+    path = tmp_path / "damaged"
+    header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in (5, 4, 4))
+    for content, message in [(header + bytes(79), r": header says shape \(5, 4, 4\) \(80 bytes\) but 79 bytes follow"),
+                             (header + bytes(81), r": header says shape \(5, 4, 4\) \(80 bytes\) but 81 bytes follow"),
+                             (header[:10], r": its header is cut short"),
+                             (b"\x00", r" is not an IDX file of unsigned bytes"),
+                             (bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + bytes(4), r" is not an IDX file of unsigned bytes"),
+                             (bytes([1, 0, 0x08, 1, 0, 0, 0, 1, 0]), r" is not an IDX file of unsigned bytes")]:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"damaged{message}"):
+            train.read_idx(path)
+
+
+def _tiny_image_folder(root: Path, layout: dict[str, list[str]]) -> Path:
+    for split, classes in layout.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_eval_labels_unseen_in_training_are_refused_before_training(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for prefix, labels in (("train", [0, 1, 2, 0]), ("t10k", [0, 5, 2, 7])):
+        _write_idx(idx / f"{prefix}-images-idx3-ubyte", np.zeros((4, 8, 8)))
+        _write_idx(idx / f"{prefix}-labels-idx1-ubyte", np.array(labels))
+    folders = _tiny_image_folder(tmp_path / "folders", {"train": ["cat", "dog"], "val": ["cat", "cow"]})
+    for data_dir, unseen in ((idx, r"\[5, 7\]"), (folders, r"\['cow'\]")):
+        with pytest.raises(ValueError, match=rf"the val split of \S+ has labels {unseen} that the train split lacks"):
+            run_example(data_dir, tmp_path / "out", *TINY_DEIT, "--epochs", "1", "--batch-size", "2")
+        assert not (tmp_path / "out").exists()
+
+
+def test_eval_folders_missing_a_class_keep_the_training_ids(tmp_path):
+    root = _tiny_image_folder(tmp_path, {"train": ["cat", "cow", "dog"], "val": ["dog"]})
+    args = train.get_parser().parse_args(["--data-dir", str(root), "--img-size", "8", "--num-workers", "0"])
+    _, eval_loader, num_classes, _ = train.get_dataloaders(args)
+    assert num_classes == 3 and [label for _, label in eval_loader.dataset] == [2, 2]  # dog is class 2, not 0
+
+
 # -- example runs ---------------------------------------------------------------------------------------------
 def run_example(data_dir: Path, output_dir: Path, *flags: str):
     return train.main(["--cpu", "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--num-workers", "0",

@@ -68,6 +68,7 @@ TASK_TO_KEYS = {
     "wnli": ("sentence1", "sentence2"),
 }
 DATA_EXTENSIONS = ("csv", "json")
+REGRESSION_DTYPES = ("float32", "float64")  # a float label column makes a local dataset a regression
 
 
 @dataclass
@@ -220,6 +221,13 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
         if "label" not in dataset.column_names or len(dataset.column_names) < 2:
             raise ValueError(f"{files[split]} needs a 'label' column and one or two text columns; it has "
                              f"{dataset.column_names}.")
+    if "validation" in raw and raw["train"].features["label"].dtype not in REGRESSION_DTYPES:
+        seen = {str(value) for value in raw["train"].unique("label")}
+        unseen = sorted({str(value) for value in raw["validation"].unique("label")} - seen)
+        if unseen:
+            raise ValueError(f"{files['validation']} has labels {unseen} that {files['train']} never has: the model "
+                             f"would have no class for them. Add training rows with these labels or drop them from "
+                             f"the validation file.")
     return raw
 
 
@@ -234,17 +242,17 @@ def text_columns(raw: datasets.DatasetDict, task_name: str | None) -> tuple[str,
 
 
 def label_names(raw: datasets.DatasetDict, task_name: str | None) -> list[str] | None:
-    """Class names in id order (GLUE's, or the sorted distinct values of local labels); None for regression."""
+    """Class names in id order (GLUE's, or the sorted distinct training labels of local data); None for regression."""
     if task_name is not None:
         return None if task_name == "stsb" else raw["train"].features["label"].names
-    if raw["train"].features["label"].dtype in ("float32", "float64"):
+    if raw["train"].features["label"].dtype in REGRESSION_DTYPES:
         return None
-    return [str(value) for value in sorted(set().union(*(split.unique("label") for split in raw.values())))]
+    return [str(value) for value in sorted(raw["train"].unique("label"))]
 
 
 def tokenize(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, columns: tuple[str, str | None],
              data_args: DataTrainingArguments, labels: list[str] | None) -> datasets.DatasetDict:
-    """Tokenize (padding is left to the collator) and map local class values to ids."""
+    """Tokenize (padding is left to the collator) and map local class values (names or numbers) to ids."""
     first, second = columns
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     to_id = None if labels is None or data_args.task_name else {name: i for i, name in enumerate(labels)}
@@ -253,10 +261,14 @@ def tokenize(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, c
         texts = (examples[first],) if second is None else (examples[first], examples[second])
         result = tokenizer(*texts, truncation=True, max_length=max_length)
         if to_id is not None:
-            result["label"] = [to_id[str(value)] for value in examples["label"]]
+            result["label_id"] = [to_id[str(value)] for value in examples["label"]]
         return result
 
-    return splits.map(preprocess, batched=True, desc="Tokenizing")
+    if to_id is None:
+        return splits.map(preprocess, batched=True, desc="Tokenizing")
+    # A new column: ids written into "label" would be cast back to the labels' type (text for class names).
+    splits = splits.map(preprocess, batched=True, remove_columns=["label"], desc="Tokenizing")
+    return splits.rename_column("label_id", "label")
 
 
 def first_rows(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:

@@ -41,6 +41,7 @@ import argparse
 import gzip
 import json
 import logging
+import math
 import os
 import pickle
 import platform
@@ -61,6 +62,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -105,15 +107,81 @@ def _find_file(folder: Path, name: str) -> Path | None:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format; gzipped or not) into a numpy array."""
+    """Read an IDX file (the MNIST format; gzipped or not) of unsigned bytes into a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as handle:
         data = handle.read()
-    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
-    if zero != 0 or dtype_code != 0x08:
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not data[3]:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex()}).")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    header = 4 + 4 * data[3]  # the magic, then one 4-byte size per dimension
+    if len(data) < header:
+        raise ValueError(f"{path}: its header is cut short ({len(data)} bytes); the file is damaged.")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3]))
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes) but {len(data) - header} "
+                         f"bytes follow; the file is damaged.")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_fashion_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (or MNIST) IDX files as ``(N, H, W)`` uint8 images and their ``N`` labels."""
+    image_path, label_path = (_find_file(data_dir, name) for name in IDX_FILES[split])
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise ValueError(f"{image_path} must hold N x H x W images and {label_path} N labels; their shapes are "
+                         f"{images.shape} and {labels.shape}.")
+    if len(images) != len(labels):
+        raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; "
+                         f"each image needs one label.")
+    return images, labels
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes in protocols 0-2: latin-1 only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch may name: numpy's array rebuilders (numpy.core before numpy 2, numpy._core
+# since; taken from what an array pickles with) and Python 3's bytes encoding of old protocols.
+_ARRAY = np.zeros(1, dtype=np.uint8)
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+    **{(f"{package}.multiarray", "_reconstruct"): _ARRAY.__reduce__()[0] for package in ("numpy.core", "numpy._core")},
+    **{(f"{package}.numeric", "_frombuffer"): _ARRAY.__reduce_ex__(5)[0] for package in ("numpy.core", "numpy._core")},
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch without running code: any global but numpy's array rebuilders is refused."""
+
+    def __init__(self, handle, path: Path) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise ValueError(f"{self.path}: refusing to load {module}.{name}; a CIFAR-10 python batch holds only "
+                             f"dicts, lists, bytes and numpy arrays, and unpickling anything else can run code. Use "
+                             f"the batches of cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html.")
+        return CIFAR_PICKLE_GLOBALS[module, name]
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as ``(N, 32, 32, 3)`` uint8 images and ``N`` int labels, without running code."""
+    with open(path, "rb") as handle:
+        try:
+            batch = CifarUnpickler(handle, path).load()
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise ValueError(f"{path} is not a CIFAR-10 python batch: {error}") from error
+    if isinstance(batch, dict) and b"data" in batch and b"labels" in batch:
+        images, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        if (images.dtype == np.uint8 and images.ndim == 2 and images.shape[1] == 3 * 32 * 32
+                and labels.shape == (len(images),) and labels.dtype.kind in "iu"):
+            return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # planes R, G, B -> pixels
+    raise ValueError(f"{path} is not a CIFAR-10 python batch: expected a dict with b'data' (N x 3072 uint8) and "
+                     f"b'labels' (N labels).")
 
 
 def read_cifar10(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +189,7 @@ def read_cifar10(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if (data_dir / "cifar-10-batches-py").is_dir():
         data_dir = data_dir / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    images, labels = [], []
-    for name in names:
-        with open(data_dir / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[b"labels"]))
+    images, labels = zip(*(read_cifar_batch(data_dir / name) for name in names))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -147,14 +210,25 @@ class ArrayImages(Dataset):
 
 def load_split(kind: str, data_dir: Path, split: str, transform, mode: str) -> Dataset:
     if kind == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
         folder = data_dir / split
         return ImageFolder(str(folder), transform=transform, loader=lambda path: Image.open(path).convert(mode))
     if kind == "fashion_mnist":
-        images, labels = (read_idx(_find_file(data_dir, name)) for name in IDX_FILES[split])
-        return ArrayImages(images, labels, transform, mode)
+        return ArrayImages(*read_fashion_mnist(data_dir, split), transform, mode)
     return ArrayImages(*read_cifar10(data_dir, split), transform, mode)
+
+
+def align_eval_classes(train: Dataset, evaluation: Dataset, data_dir: Path) -> None:
+    """Refuse evaluation labels that training lacks (the model has no class for them), and give class folders the
+    training ids: ImageFolder numbers each split's folders on its own."""
+    unseen = sorted(set(evaluation.classes) - set(train.classes))
+    if unseen:
+        raise ValueError(f"the val split of {data_dir} has labels {unseen} that the train split lacks: the model "
+                         f"would have no class for them. Remove them from val or add training images of them.")
+    if isinstance(evaluation, ImageFolder) and evaluation.classes != train.classes:
+        evaluation.samples = [(path, train.class_to_idx[evaluation.classes[target]])
+                              for path, target in evaluation.samples]
+        evaluation.imgs, evaluation.targets = evaluation.samples, [target for _, target in evaluation.samples]
+        evaluation.classes, evaluation.class_to_idx = train.classes, train.class_to_idx
 
 
 def channel_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
@@ -187,6 +261,7 @@ def get_dataloaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, i
     mode = "L" if args.in_chans == 1 else "RGB"
     train = load_split(kind, data_dir, "train", train_transform, mode)
     evaluation = load_split(kind, data_dir, "val", eval_transform, mode)
+    align_eval_classes(train, evaluation, data_dir)
     num_classes = len(train.classes)
     train, evaluation = subset(train, args.train_subset, args.seed), subset(evaluation, args.eval_subset, args.seed)
     # drop_last keeps every batch the same (even) size, as mixup/cutmix need.
