@@ -36,9 +36,9 @@ from .config import CuttlefishConfig
 from .layers import FactorizedLayer, dense_shape, full_rank
 from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
 from .profiling import ProfileReport, profile_layers
-from .rank_rules import RankDecision, decide_ranks
-from .stable_rank import StableRankMeter, stable_ranks
-from .surgery import FactorizationReport, factorize_
+from .rank_rules import RankDecision, break_even_rank, decide_ranks, rank_from_singular_values
+from .stable_rank import StableRankMeter, check_finite, stable_ranks
+from .surgery import FactorizationReport, factorization_report, factorize_, unwrap_compiled
 from .targeting import block_indices, find_targets, matches
 from .tracker import StableRankTracker
 
@@ -86,7 +86,8 @@ class Cuttlefish:
 
     def __init__(self, model: nn.Module, config: CuttlefishConfig, *, total_steps: int | None = None,
                  steps_per_epoch: int | None = None, exclude_factors_from_weight_decay: bool = True) -> None:
-        self.model = model
+        self.model = unwrap_compiled(model)
+        model = self.model
         self.config = config
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -97,7 +98,7 @@ class Cuttlefish:
         self.meter = StableRankMeter(n_iter=config.power_iterations, seed=config.seed)
         self.tracker = StableRankTracker(
             self.full_ranks, window=config.window, eps_relative=config.eps_relative, ema_decay=config.ema_decay,
-            min_measurements=config.min_warmup_measurements, max_measurements=self._max_measurements())
+            min_measurements=config.min_warmup_measurements)
         self.measured_steps: list[int] = []
         self.init_stable_ranks: dict[str, float] | None = None
         self.rank_rule: str | None = None  # resolved from config.rank_rule at begin(); see rank_rule_reason
@@ -116,6 +117,9 @@ class Cuttlefish:
         self._last_step_end: float | None = None
         self._hooks: list = []
         self.log_level = logging.INFO  # integrations whose users see only warnings raise this
+        self.factorized_before_training = False
+        if any(isinstance(module, FactorizedLayer) for module in model.modules()):
+            self._adopt_factorized_model()
 
     # -- setup ----------------------------------------------------------------------------------------
     def _select_targets(self) -> list[str]:
@@ -123,7 +127,11 @@ class Cuttlefish:
         targets = find_targets(self.model, config.target_modules, config.exclude_modules)
         skip = config.resolved_skip_first_blocks
         if skip != "auto" and skip:  # "auto" keeps layers dense at the switch, by timing them
-            blocks = block_indices(self.model, targets)
+            try:
+                blocks = block_indices(self.model, targets)
+            except ValueError as error:
+                raise ValueError(f"skip_first_blocks={skip} (mode={config.mode!r}) keeps blocks full-rank by index, "
+                                 f"but {error} Set skip_first_blocks=0 or narrow target_modules.") from None
             targets = [name for name in targets if blocks.get(name, skip) >= skip]
         if not targets:
             raise ValueError(f"No layer left to factorize after keeping the first {skip} blocks full-rank; "
@@ -133,25 +141,50 @@ class Cuttlefish:
     def _measurement_period(self) -> int | None:
         return self.config.measure_every_steps or self.steps_per_epoch
 
-    def _max_measurements(self) -> int | None:
-        period = self._measurement_period()
-        if self.total_steps is None or not period:
+    def _forced_switch_step(self) -> int | None:
+        """The step at which the switch happens whatever the ranks do (Pufferfish's fixed warm-up, or
+        Cuttlefish's ``max_warmup_fraction``); None when unknown or never."""
+        if self.total_steps is None or self.config.mode == "si_fd":
             return None
-        return max(1, math.floor(self.config.max_warmup_fraction * self.total_steps / period))
+        fraction = self.config.fixed_warmup_fraction if self.config.mode == "pufferfish" else \
+            self.config.max_warmup_fraction
+        return math.ceil(fraction * self.total_steps)
+
+    def _adopt_factorized_model(self) -> None:
+        """A model that already holds factorized layers (e.g. the output of an earlier run) trains on as
+        switched: no second switch; its factors get Frobenius decay once :meth:`begin` sees the optimizer."""
+        self.factorized_before_training = True
+        self.switch_step = 0
+        self.report = factorization_report(self.model)
+        self.rank_rule = "none"
+        self.rank_rule_reason = "the model was already factorized when training began"
 
     def _weights(self) -> dict[str, torch.Tensor]:
         modules = dict(self.model.named_modules())
         return {name: modules[name].weight for name in self.targets}
 
     @property
-    def switched(self) -> bool:
+    def decided(self) -> bool:
+        """The switch point has passed: nothing is measured any more (the model may have stayed dense)."""
         return self.switch_step is not None
+
+    @property
+    def switched(self) -> bool:
+        """The model trains with factorized layers."""
+        return self.decided and bool(self.report and self.report.layers)
 
     def begin(self, optimizer=None, scheduler=None) -> SwitchResult | None:
         """Call once before training: snapshots ``srank(W_0)``, resolves the rank rule (starting the input
-        statistics the activation-aware rule needs); SI&FD mode switches here (step 0)."""
-        if self.switched:
+        statistics the activation-aware rule needs); SI&FD mode switches here (step 0). A model factorized
+        before training gets its factors' Frobenius decay (and a weight-decay-free group) here instead."""
+        if self.decided:
+            if self.factorized_before_training:
+                logger.log(self.log_level, "Cuttlefish: the model already holds %d factorized layers; training goes "
+                           "on at their ranks (no second switch; dense layers stay dense).", len(self.report.layers))
+                if optimizer is not None:
+                    self._adopt_factors(optimizer, scheduler)
             return None
+        self._warn_about_schedule()
         self._resolve_rank_rule()
         self._start_activation_stats()
         if self.config.mode == "si_fd":
@@ -162,6 +195,7 @@ class Cuttlefish:
         """Snapshot ``srank(W_0)`` (once) and turn ``config.rank_rule`` into :attr:`rank_rule` (once)."""
         if self.init_stable_ranks is None:
             weights = self._weights()
+            check_finite(weights, "training")
             self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
         if self.rank_rule is not None:
             return
@@ -181,7 +215,7 @@ class Cuttlefish:
 
     def _start_activation_stats(self) -> None:
         """Hook the Linear targets to record their inputs' second moments (activation-aware rule only)."""
-        if self.rank_rule != "activation_aware" or self.switched or self.activations is not None:
+        if self.rank_rule != "activation_aware" or self.decided or self.activations is not None:
             return
         modules = dict(self.model.named_modules())
         linear = [name for name in self.targets if isinstance(modules[name], nn.Linear)]
@@ -201,6 +235,63 @@ class Cuttlefish:
                            "the activation-aware rule falls back to plain SVD factors.")
         return covariances
 
+    def _warn_about_schedule(self) -> None:
+        """Say once, at train begin, when the configured bounds cannot all be met by this run's length, or
+        when a fixed rank ratio already tells that no layer will be factorized."""
+        config, total, forced = self.config, self.total_steps, self._forced_switch_step()
+        if config.resolved_rank_rule == "fixed_ratio" and not self._fixed_ratio_saves():
+            logger.warning("Cuttlefish: at rank_ratio=%g no target layer's factors would hold fewer parameters than "
+                           "the dense weight, so nothing will be factorized; lower rank_ratio.", config.rank_ratio)
+        if config.mode == "si_fd":
+            return
+        if total is None:
+            bound = "fixed_warmup_fraction" if config.mode == "pufferfish" else "max_warmup_fraction"
+            logger.warning("Cuttlefish does not know the run's total steps, so %s cannot be applied%s; pass "
+                           "total_steps to Cuttlefish(...).", bound,
+                           " and the model never switches" if config.mode == "pufferfish" else "")
+            return
+        if forced >= total:
+            logger.warning("Cuttlefish: the %s bound falls at step %d of %d, where no step is left to train at low "
+                           "rank: %s. Lower it.", "fixed_warmup_fraction" if config.mode == "pufferfish" else
+                           "max_warmup_fraction", forced, total, "the model stays dense" if config.mode == "pufferfish"
+                           else "the model stays dense unless the ranks settle earlier")
+            return
+        period = self._measurement_period()
+        if config.mode != "cuttlefish" or not period:
+            return
+        fit = forced // period  # a measurement due at the bound's step is taken before the switch
+        if fit < config.min_warmup_measurements:
+            logger.warning(
+                "Cuttlefish: only %d stable-rank measurement(s) fit before max_warmup_fraction=%g (step %d of %d), "
+                "fewer than min_warmup_measurements=%d; it will switch at step %d with %d. Measure more often "
+                "(measure_every_steps=%d) or raise max_warmup_fraction.", fit, config.max_warmup_fraction, forced,
+                total, config.min_warmup_measurements, forced, fit, max(1, forced // config.min_warmup_measurements))
+
+    def _fixed_ratio_saves(self) -> bool:
+        """Whether any target's fixed-ratio rank (or ``rank_pattern`` rank) is below its break-even rank."""
+        modules = dict(self.model.named_modules())
+        overrides = self._rank_overrides()
+        for name in self.targets:
+            shape = dense_shape(modules[name])
+            m, n = shape[0], math.prod(shape[1:])
+            # The fixed-ratio rule reads only how many singular values there are.
+            rank = overrides.get(name) or rank_from_singular_values(
+                torch.empty(min(m, n)), "fixed_ratio", ratio=self.config.rank_ratio, min_rank=self.config.min_rank)
+            if rank < break_even_rank(m, n):
+                return True
+        return False
+
+    def _adopt_factors(self, optimizer, scheduler) -> None:
+        """Give a model factorized before training what the switch gives new factors: no L2 weight decay
+        while Frobenius decay is on, and the Frobenius-decay (and re-warm-up) hooks."""
+        factors = [p for module in self._factorized_modules().values() for p in
+                   (module.first.weight, module.second.weight) if p.requires_grad]
+        decay = self.config.resolved_frobenius_decay
+        if decay > 0 and self.exclude_factors_from_weight_decay:
+            replace_parameters_(optimizer, self.model, {p: [p] for p in factors}, scheduler=scheduler,
+                                zero_weight_decay=True)
+        self.attach_hooks(optimizer)
+
     # -- the loop -------------------------------------------------------------------------------------
     def measure(self) -> dict[str, float]:
         """Measure every target's stable rank now (batched power iteration) and record it."""
@@ -209,23 +300,26 @@ class Cuttlefish:
         self.measure_seconds += time.perf_counter() - start
         return ranks
 
-    def _due(self, step: int) -> bool:
-        mode = self.config.mode
-        if mode == "pufferfish":
-            return self.total_steps is not None and step >= self.config.fixed_warmup_fraction * self.total_steps
-        if mode == "cuttlefish":
-            return self.tracker.should_switch() or (
-                self.total_steps is not None and step >= self.config.max_warmup_fraction * self.total_steps)
-        return False
+    def _steps_left(self, step: int) -> bool:
+        """Whether training goes on after ``step``: a switch at the last step would leave an untrained model."""
+        return self.total_steps is None or step < self.total_steps
+
+    def _bound_reached(self, step: int) -> bool:
+        forced = self._forced_switch_step()
+        return forced is not None and step >= forced and self._steps_left(step)
 
     def _on_measurement_point(self, step: int, optimizer, scheduler) -> SwitchResult | None:
-        if self.switched:
+        if self.decided:
             return None
         if self.init_stable_ranks is None:
             self.begin()
         self.tracker.update(self.measure())
         self.measured_steps.append(step)
-        if _from_rank_zero(self._due(step)):
+        settled = self.config.mode == "cuttlefish" and _from_rank_zero(self.tracker.should_switch())
+        if settled and not self._steps_left(step):
+            logger.warning("Cuttlefish: the stable ranks settled only at the last step (%d); no step is left to "
+                           "train at low rank, so the model stays dense.", step)
+        if self._bound_reached(step) or (settled and self._steps_left(step)):
             return self.switch(step, optimizer, scheduler)
         if self.activations is not None:
             self.activations.reset()  # the switch uses the statistics of the period just before it
@@ -242,17 +336,20 @@ class Cuttlefish:
             self._last_step_end = time.perf_counter()  # the next interval excludes measuring and the switch
 
     def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
-        if self.switched:
+        if self.decided:
             return None
         if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
             return self._on_measurement_point(step, optimizer, scheduler)
-        if self.config.mode == "pufferfish" and _from_rank_zero(self._due(step)):
+        # Per-epoch measuring: an epoch's last step waits for epoch_end, which measures and then switches.
+        epoch_measurement_follows = not self.config.measure_every_steps and self.steps_per_epoch and \
+            step % self.steps_per_epoch == 0
+        if self._bound_reached(step) and not epoch_measurement_follows:  # the same step on every process
             return self.switch(step, optimizer, scheduler)
         return None
 
     def epoch_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
         """Call after each epoch. Measures when measuring per epoch; returns the switch, if it happened."""
-        if self.switched or self.config.measure_every_steps:
+        if self.decided or self.config.measure_every_steps:
             return None
         return self._on_measurement_point(step, optimizer, scheduler)
 
@@ -264,11 +361,7 @@ class Cuttlefish:
         """
         config = self.config
         self._resolve_rank_rule()
-        overrides = {}
-        for name in self.targets:
-            for pattern, rank in config.rank_pattern.items():
-                if matches(name, [pattern]) or matches(name, pattern):
-                    overrides[name] = rank
+        overrides = self._rank_overrides()
         if self.rank_rule == "activation_aware":
             decisions = decide_ranks_activation_aware(
                 self._weights(), self._activation_covariances() if covariances is None else covariances,
@@ -281,10 +374,22 @@ class Cuttlefish:
                 min_rank=config.min_rank, rank_overrides=overrides)
         return _from_rank_zero(decisions)
 
+    def _rank_overrides(self) -> dict[str, int]:
+        """``{target: rank}`` fixed by ``config.rank_pattern``."""
+        overrides = {}
+        for name in self.targets:
+            for pattern, rank in self.config.rank_pattern.items():
+                if matches(name, [pattern]) or matches(name, pattern):
+                    overrides[name] = rank
+        return overrides
+
     def switch(self, step: int, optimizer=None, scheduler=None) -> SwitchResult:
-        """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state."""
-        if self.switched:
-            raise RuntimeError("Cuttlefish already switched this model to low rank.")
+        """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state.
+
+        When no layer is worth factorizing the model stays dense (with a warning) and nothing is measured
+        any more; :attr:`switched` stays False."""
+        if self.decided:
+            raise RuntimeError("Cuttlefish already made its switch decision for this model.")
         start = time.perf_counter()
         self._resolve_rank_rule()
         covariances = self._activation_covariances()
@@ -305,9 +410,18 @@ class Cuttlefish:
         else:
             self.report = factorize_(self.model, plan, extra_bn=self.config.resolved_extra_bn, stable_ranks=stable)
         self.switch_step = step
-        result = self._finish_switch(step, optimizer, scheduler, old)
+        # Nothing factorized: no optimizer change, no Frobenius decay or re-warm-up hooks on a dense model.
+        result = self._finish_switch(step, optimizer, scheduler, old) if plan else \
+            SwitchResult(step, self.report, self.decisions)
         self.surgery_seconds = time.perf_counter() - start
         epoch = f" (epoch {step / self.steps_per_epoch:.2f})" if self.steps_per_epoch else ""
+        if not plan:
+            kept = "profiling found none faster" if self.profile_report else "no rank saves parameters"
+            logger.warning("Cuttlefish decided at step %d%s not to factorize: of %d target layers, %s (%s rule: %s). "
+                           "Training goes on dense; lower rank_ratio / activation_fractions, or widen "
+                           "target_modules.", step, epoch, len(self.decisions), kept, self.rank_rule,
+                           self.rank_rule_reason)
+            return result
         logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s after %d measurements (%s mode, %s "
                    "rule: %s); measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s", step,
                    epoch, len(self.measured_steps), self.config.mode, self.rank_rule, self.rank_rule_reason,
@@ -405,6 +519,7 @@ class Cuttlefish:
             "rank_rule": self.rank_rule,
             "rank_rule_reason": self.rank_rule_reason,
             "switch_step": self.switch_step,
+            "factorized_before_training": self.factorized_before_training,
             "report": self.report.to_dict() if self.report else None,
             "measure_seconds": self.measure_seconds,
             "statistics_seconds": self.statistics_seconds,
@@ -424,12 +539,36 @@ class Cuttlefish:
         self.statistics_seconds = state.get("statistics_seconds", 0.0)
         self.profile_seconds = state.get("profile_seconds", 0.0)  # absent from checkpoints of older versions
         self.switch_step = state["switch_step"]
+        self.factorized_before_training = state.get("factorized_before_training", False)
         self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])
-        if self.report is not None:
-            present = {n: m.rank for n, m in self._factorized_modules().items()}
-            if present != self.report.plan:
-                raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
-                                 "checkpoint's weights into the model before restoring the controller.")
-        if not self.switched and self.init_stable_ranks is not None:  # resumed in the warm-up: go on as begin()
+        present = {n: m.rank for n, m in self._factorized_modules().items()}
+        if present != (self.report.plan if self.report else {}):
+            raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
+                             "checkpoint's weights into the model before restoring the controller.")
+        if not self.decided and self.init_stable_ranks is not None:  # resumed in the warm-up: go on as begin()
             self._resolve_rank_rule()
-            self._start_activation_stats()  # input statistics are not checkpointed: they restart here
+            # Input statistics restart empty; restore the period's with load_statistics_state (checkpoints that
+            # the Trainer integration writes hold them).
+            self._start_activation_stats()
+
+    @property
+    def period_start(self) -> int:
+        """The step where the current measurement period (and its input statistics) began."""
+        return self.measured_steps[-1] if self.measured_steps else 0
+
+    def statistics_state(self) -> dict[str, Any] | None:
+        """This process's input statistics of the current period (activation-aware rule), or None."""
+        if self.activations is None:
+            return None
+        return {"period_start": self.period_start, **self.activations.state_dict()}
+
+    def load_statistics_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`statistics_state` after :meth:`load_state_dict`, so a resume in the middle of a period
+        switches with the same factors as an uninterrupted run."""
+        if self.activations is None:
+            raise ValueError("No input statistics are being recorded (not the activation-aware rule, or after "
+                             "the switch); there is nothing to restore them into.")
+        if state["period_start"] != self.period_start:
+            raise ValueError(f"The saved input statistics belong to the period from step {state['period_start']}, "
+                             f"but the restored controller's period began at step {self.period_start}.")
+        self.activations.load_state_dict(state)

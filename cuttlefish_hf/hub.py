@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tempfile
 from collections import Counter
@@ -45,9 +44,10 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import __version__
-from .layers import FactorizedConv2d, FactorizedLayer, dense_shape
+from .layers import FactorizedConv2d, FactorizedLayer
 from .serialization import factor_ranks
-from .surgery import FactorizationReport, LayerReport, count_parameters, factorize_, factorized_plan, merge_
+from .surgery import (FactorizationReport, factorization_report, factorize_, factorized_plan, merge_,
+                      register_plan_recorder)
 
 __all__ = [
     "CuttlefishCheckpointConfig",
@@ -250,12 +250,12 @@ def _fit_prefix(model: nn.Module, plan: dict[str, int]) -> dict[str, int]:
 def record_plan_(model: PreTrainedModel) -> CuttlefishCheckpointConfig | None:
     """Record the model's factorization in ``model.config``, so ``model.save_pretrained`` (and Trainer) save it.
 
-    Call it once after ``factorize_``; every later save refreshes the record from the live model, and drops it
-    once no layer is factorized any more. Returns the record, or None for a model without factorized layers.
+    ``factorize_`` and ``merge_`` call it for every transformers model; every save refreshes the record from the
+    live model, and drops it once no layer is factorized any more. Returns the record, or None for a model
+    without factorized layers.
 
     Example:
-        >>> factorize_(model, plan)  # doctest: +SKIP
-        >>> record_plan_(model); model.save_pretrained("out")  # doctest: +SKIP
+        >>> factorize_(model, plan); model.save_pretrained("out")  # doctest: +SKIP
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"record_plan_ needs a transformers PreTrainedModel, got {type(model).__name__}; save timm "
@@ -265,14 +265,23 @@ def record_plan_(model: PreTrainedModel) -> CuttlefishCheckpointConfig | None:
         raise ValueError(f"The model is quantized with {quantizer.quantization_config.quant_method}; a Cuttlefish "
                          "plan cannot be recorded on top of another quantization method.")
     record = cuttlefish_record(model)
-    if not record["plan"]:
+    if not record["plan"]:  # merged back to dense: no record, and no auto_map pointing at our loader
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
+        forget_remote_code(model.config)
         return None
     config = CuttlefishCheckpointConfig(**record)
     model.config.quantization_config = config
     model.hf_quantizer = CuttlefishHfQuantizer(config, pre_quantized=True)
     return config
+
+
+def _record_if_transformers(model: nn.Module) -> None:
+    if isinstance(model, PreTrainedModel):
+        record_plan_(model)
+
+
+register_plan_recorder(_record_if_transformers)
 
 
 # -- transformers: load and save ------------------------------------------------------------------------------
@@ -429,20 +438,6 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, training_notes: str
 
 
 # -- model card -----------------------------------------------------------------------------------------------
-def factorization_report(model: nn.Module) -> FactorizationReport:
-    """The :class:`FactorizationReport` of the factorized layers a model holds now (without stable ranks)."""
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, FactorizedLayer):
-            shape = dense_shape(module)
-            bias = module.second.bias
-            before = math.prod(shape) + (bias.numel() if bias is not None else 0)
-            layers.append(LayerReport(name, shape, module.rank, before, count_parameters(module)))
-    after = count_parameters(model)
-    before = after + sum(layer.params_before - layer.params_after for layer in layers)
-    return FactorizationReport(layers, before, after)
-
-
 def _notes_markdown(training_notes: str | Mapping | None) -> str:
     if training_notes is None:
         return "Not recorded."

@@ -226,8 +226,9 @@ def test_auto_model_reload_is_trainable_castable_and_keeps_its_record(bert_folde
 
 def test_from_pretrained_restores_a_folder_saved_without_the_record(tmp_path):
     model = factorized(tiny_bert())
-    model.save_pretrained(tmp_path / "plain")  # no record_plan_: only the factor shapes tell the plan
-    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    model.save_pretrained(tmp_path / "plain")
+    # A folder without the record (older versions, hand-edited configs): only the factor shapes tell the plan.
+    edit_config(tmp_path / "plain", lambda config: config.pop("quantization_config"))
     loaded = hub.from_pretrained(tf.AutoModelForSequenceClassification, tmp_path / "plain")
     assert torch.equal(logits(loaded, text_input()), logits(model, text_input()))
     loaded.save_pretrained(tmp_path / "resaved")  # and now it is recorded
@@ -288,6 +289,7 @@ def test_a_record_that_does_not_fit_the_model_class_raises(bert_folder):
 def test_unrecorded_factors_under_renamed_keys_raise(tmp_path):
     model = factorized(tiny_hf_deit())
     model.save_pretrained(tmp_path / "deit")  # transformers writes DeiT's legacy key names, e.g. attention.query
+    edit_config(tmp_path / "deit", lambda config: config.pop("quantization_config"))
     with pytest.raises(ValueError, match="records no Cuttlefish plan"):
         hub.from_pretrained(tf.AutoModelForImageClassification, tmp_path / "deit")
 
@@ -457,3 +459,58 @@ def test_merged_reload_saves_a_plain_folder_without_our_remote_code(tmp_path):
     assert "auto_map" not in config and "quantization_config" not in config
     dense = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense", trust_remote_code=True)
     torch.testing.assert_close(logits(dense, text_input()), logits(loaded, text_input()))
+
+
+# -- the plan is recorded whatever the route to save_pretrained ------------------------------------------------
+def test_plain_save_pretrained_after_factorize_records_the_plan(tmp_path):
+    model = factorized(tiny_bert())
+    model.save_pretrained(tmp_path / "out")  # no hub.save_pretrained, no record_plan_
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert record["quant_method"] == "cuttlefish" and record["plan"] == factorized_plan(model)
+    loaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert factorized_plan(loaded) == factorized_plan(model)
+    assert torch.equal(logits(loaded, text_input()), logits(model, text_input()))
+
+
+def test_compiled_model_in_trainer_saves_its_plan_without_compile_prefixes(tmp_path):
+    from helpers import KeywordDataset
+    from test_trainer_callback import FAST, training_args
+
+    from cuttlefish_hf import CuttlefishCallback, CuttlefishConfig
+
+    model = _tiny_bert()
+    callback = CuttlefishCallback(CuttlefishConfig(**FAST))
+    # A compiled module's forward takes (*args, **kwargs): Trainer would drop every column.
+    trainer = tf.Trainer(model=torch.compile(model, backend="eager"),
+                         args=training_args(tmp_path, remove_unused_columns=False), train_dataset=KeywordDataset(),
+                         callbacks=[callback])
+    trainer.train()
+    plan = callback.controller.report.plan
+    assert plan and not any("_orig_mod" in name for name in plan) and factorized_plan(model) == plan
+    trainer.save_model(str(tmp_path / "final"))
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), framework="pt") as handle:
+        assert not any("_orig_mod" in key for key in handle.keys())
+    loaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert factorized_plan(loaded) == plan
+    assert torch.equal(logits(loaded, text_input()), logits(model.eval(), text_input()))
+
+
+def test_cuttlefish_trainer_output_loads_with_trust_remote_code_as_its_card_says(tmp_path):
+    from helpers import KeywordDataset
+    from test_trainer_callback import FAST, training_args
+
+    from cuttlefish_hf import CuttlefishConfig, CuttlefishTrainer
+
+    trainer = CuttlefishTrainer(model=_tiny_bert(), args=training_args(tmp_path), train_dataset=KeywordDataset(),
+                                cuttlefish_config=CuttlefishConfig(**FAST))
+    trainer.train()
+    folder = tmp_path / "final"
+    trainer.save_model(str(folder))
+    trainer.create_model_card()
+    assert "trust_remote_code=True" in (tmp_path / "out" / "README.md").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert (folder / "modeling_cuttlefish.py").is_file()
+    assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_cuttlefish.")
+    loaded = tf.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    assert type(loaded).__name__ == "CuttlefishBertForSequenceClassification"
+    assert torch.equal(logits(loaded, text_input()), logits(trainer.model.eval(), text_input()))

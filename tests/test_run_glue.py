@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import tiny_bert
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer
 
 from cuttlefish_hf import CuttlefishConfig, factorized_plan
 
@@ -43,8 +43,9 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def write_csv(path: Path, rows: int, seed: int, pairs: bool = False) -> Path:
-    """Label 1 when the text contains KEYWORD; pairs split the same eight words four and four."""
+def write_csv(path: Path, rows: int, seed: int, pairs: bool = False, classes: tuple = (0, 1)) -> Path:
+    """Label ``classes[1]`` when the text contains KEYWORD, else ``classes[0]``; pairs split the same eight words
+    four and four."""
     rng = random.Random(seed)
     columns = ["sentence1", "sentence2", "label"] if pairs else ["sentence", "label"]
     with open(path, "w", newline="") as handle:
@@ -56,7 +57,7 @@ def write_csv(path: Path, rows: int, seed: int, pairs: bool = False) -> Path:
             if label:
                 words[rng.randrange(8)] = KEYWORD
             texts = [" ".join(words[:4]), " ".join(words[4:])] if pairs else [" ".join(words)]
-            writer.writerow([*texts, label])
+            writer.writerow([*texts, classes[label]])
     return path
 
 
@@ -117,6 +118,31 @@ def test_vanilla_run_on_sentence_pairs(model_dir, tmp_path):
     assert "cuttlefish" not in results and "eval_accuracy" in results
     assert not (tmp_path / "out" / "stable_ranks.png").exists()
     assert factorized_plan(AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")) == {}
+
+
+def test_string_labels_get_sorted_ids_saved_in_the_config(model_dir, tmp_path):
+    write_csv(tmp_path / "train.csv", 32, seed=0, classes=("yes", "no"))  # first seen "yes", sorted "no" first
+    write_csv(tmp_path / "validation.csv", 16, seed=1, classes=("yes", "no"))
+    data_args = run_glue.parse_arguments(flags(model_dir, tmp_path, tmp_path / "out"))[1]
+    raw = run_glue.load_raw_datasets(data_args, None)
+    labels = run_glue.label_names(raw, None)
+    assert labels == ["no", "yes"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = run_glue.tokenize(raw, tokenizer, ("sentence", None), data_args, labels)
+    assert splits["train"]["label"][:4] == [1, 0, 1, 0] and splits["train"].features["label"].dtype == "int64"
+
+    results = run_glue.main(flags(model_dir, tmp_path, tmp_path / "out", "--num_train_epochs", "1"))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    config = AutoConfig.from_pretrained(tmp_path / "out")
+    assert config.id2label == {0: "no", 1: "yes"} and config.label2id == {"no": 0, "yes": 1}
+
+
+def test_validation_labels_unseen_in_training_are_refused(tmp_path):
+    write_csv(tmp_path / "train.csv", 8, seed=0, classes=("yes", "no"))
+    write_csv(tmp_path / "validation.csv", 8, seed=1, classes=("yes", "maybe"))
+    # The model does not exist: the labels must be checked before it loads (an OSError otherwise).
+    with pytest.raises(ValueError, match=r"validation.csv has labels \['maybe'\] that .*train.csv never has"):
+        run_glue.main(flags(tmp_path / "no-model", tmp_path, tmp_path / "out"))
 
 
 def test_json_file_gives_the_same_config_as_flags(tmp_path, data_dir):
@@ -181,3 +207,18 @@ def test_the_program_exits_with_status_2_on_a_bad_flag(data_dir, tmp_path):
                                 str(data_dir / "train.csv"), "--output_dir", str(tmp_path), "--cuttlefish",
                                 "--rank_rule", "biggest"], capture_output=True, text=True)
     assert completed.returncode == 2 and "rank_rule='biggest' is not valid" in completed.stderr
+
+
+def test_a_factorized_output_trains_on_with_cuttlefish_and_loads_as_its_card_says(model_dir, data_dir, tmp_path):
+    first = run_glue.main(flags(model_dir, data_dir, tmp_path / "first", *CUTTLEFISH_FLAGS, "--num_train_epochs", "2"))
+    assert first["cuttlefish"]["plan"]
+    again = run_glue.main(flags(tmp_path / "first", data_dir, tmp_path / "again", *CUTTLEFISH_FLAGS,
+                                "--num_train_epochs", "1"))
+    summary = again["cuttlefish"]
+    assert summary["switch_step"] == 0 and summary["measurements"] == 0
+    assert summary["plan"] == first["cuttlefish"]["plan"]
+    assert summary["rank_rule_reason"] == "the model was already factorized when training began"
+    folder = tmp_path / "again"
+    assert (folder / "modeling_cuttlefish.py").is_file() and "auto_map" in json.loads((folder / "config.json").read_text())
+    remote = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    assert factorized_plan(remote) == summary["plan"]

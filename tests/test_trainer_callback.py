@@ -22,16 +22,20 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, resume_from=None, **overrides):
-    """Train a tiny BERT with ``config`` through ``trainer_cls``; returns the trainer and its callback."""
-    model = tiny_bert()
+def build_trainer(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, model=None, **overrides):
+    """A ``trainer_cls`` running ``config`` on ``model`` (a tiny BERT by default), and its callback."""
+    model = tiny_bert() if model is None else model
     args = training_args(tmp_path, **overrides)
     if trainer_cls is CuttlefishTrainer:
         trainer = CuttlefishTrainer(model=model, args=args, train_dataset=KeywordDataset(), cuttlefish_config=config)
-        callback = trainer.cuttlefish
-    else:
-        callback = CuttlefishCallback(config)
-        trainer = Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback])
+        return trainer, trainer.cuttlefish
+    callback = CuttlefishCallback(config)
+    return Trainer(model=model, args=args, train_dataset=KeywordDataset(), callbacks=[callback]), callback
+
+
+def train(tmp_path, config: CuttlefishConfig, trainer_cls=Trainer, resume_from=None, **overrides):
+    """Train a tiny BERT with ``config`` through ``trainer_cls``; returns the trainer and its callback."""
+    trainer, callback = build_trainer(tmp_path, config, trainer_cls, **overrides)
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer, callback
 

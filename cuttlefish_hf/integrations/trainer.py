@@ -9,6 +9,7 @@ factors out of L2 weight decay in the optimizer it builds, so checkpoints saved 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -16,16 +17,20 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import hub
 from ..config import CuttlefishConfig
 from ..controller import Cuttlefish, SwitchResult
 from ..layers import FactorizedLayer
 from ..serialization import factorize_for_state_dict_
+from ..surgery import factorized_plan, unwrap_compiled
 
 __all__ = ["CuttlefishCallback", "CuttlefishTrainer"]
 
 logger = logging.getLogger(__name__)
+
+STATISTICS_NAME = "cuttlefish_statistics-rank{rank}.pt"
 
 
 class CuttlefishCallback(TrainerCallback, ExportableState):
@@ -43,6 +48,7 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self.trainer: CuttlefishTrainer | None = None  # set by CuttlefishTrainer
         self._args = None
         self._hooked_models: set[int] = set()
+        self.resume_folder: str | None = None  # set by CuttlefishTrainer when it resumes from a checkpoint
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -66,17 +72,53 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         def hook(module, state_dict, prefix, *_):
             if prefix == "" and factorize_for_state_dict_(module, state_dict, extra_bn=self.config.resolved_extra_bn):
                 self._check_resume_supported()
-                _record_plan(module)
 
         model.register_load_state_dict_pre_hook(hook)
 
     def _check_resume_supported(self) -> None:
+        self._refuse_factors_under_weight_decay("This checkpoint was saved after the Cuttlefish switch")
+
+    def _refuse_factors_under_weight_decay(self, situation: str) -> None:
+        """A plain ``Trainer`` builds its optimizer with factors under L2 weight decay, which Frobenius decay
+        replaces; only CuttlefishTrainer builds it the way the switch leaves it."""
         args = self._args
         if self.trainer is None and args is not None and args.weight_decay > 0 and \
                 self.config.resolved_frobenius_decay > 0:
-            raise ValueError("This checkpoint was saved after the Cuttlefish switch with weight_decay > 0 and "
-                             "Frobenius decay on: resume it with CuttlefishTrainer(..., cuttlefish_config=config), "
-                             "which rebuilds the optimizer with the factors outside L2 weight decay.")
+            raise ValueError(f"{situation}, with weight_decay > 0 and Frobenius decay on: train it with "
+                             "CuttlefishTrainer(..., cuttlefish_config=config), which builds the optimizer with the "
+                             "factors outside L2 weight decay (or set weight_decay=0).")
+
+    def _statistics_file(self, folder: str) -> str:
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 0
+        return os.path.join(folder, STATISTICS_NAME.format(rank=rank))
+
+    def on_save(self, args, state, control, **kwargs):
+        # The activation-aware rule's input statistics are tensors (too large for trainer_state.json): each
+        # process writes its own next to the checkpoint, so a resume in the middle of a period is exact.
+        statistics = self.controller.statistics_state() if self.controller else None
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if statistics is not None and os.path.isdir(folder):
+            torch.save(statistics, self._statistics_file(folder))
+
+    def _restore_statistics(self, args, state) -> None:
+        controller = self.controller
+        if controller.activations is None or state.global_step == controller.period_start:
+            return  # nothing recorded in this period yet: restarting the statistics loses nothing
+        folders = [self.resume_folder, args.resume_from_checkpoint,
+                   os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        files = [self._statistics_file(f) for f in folders if isinstance(f, str) and os.path.isdir(f)]
+        found = next((f for f in files if os.path.isfile(f)), None)
+        if found is None:
+            logger.warning("Cuttlefish resumed at step %d, in the middle of a measurement period (from step %d), "
+                           "without that period's input statistics (%s not in the checkpoint): the activation-aware "
+                           "rule records them again from here, so the factors at the switch may differ from an "
+                           "uninterrupted run's.", state.global_step, controller.period_start,
+                           STATISTICS_NAME.format(rank=0))
+            return
+        controller.load_statistics_state(torch.load(found, weights_only=True))
+        logger.info("Cuttlefish restored the input statistics recorded since step %d from %s.",
+                    controller.period_start, found)
 
     # -- events -----------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -102,7 +144,10 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
                 self.controller.attach_hooks(optimizer, state.global_step)
             logger.info("Cuttlefish state restored from the checkpoint (%d measurements, switched: %s).",
                         len(self.controller.measured_steps), self.controller.switched)
+            self._restore_statistics(args, state)
             return
+        if self.controller.factorized_before_training:
+            self._refuse_factors_under_weight_decay("The model holds factorized layers")
         self._after_switch(self.controller.begin(optimizer, lr_scheduler))
 
     def _check_setup(self, args) -> None:
@@ -133,15 +178,8 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
     def _after_switch(self, result: SwitchResult | None) -> None:
         if result is None:
             return
-        _record_plan(self.controller.model)
         if self.trainer is not None:
             self.trainer.cuttlefish_switched(result)
-
-
-def _record_plan(model: nn.Module) -> None:
-    """Make every later ``save_pretrained`` (Trainer checkpoints included) carry the factorization plan."""
-    if isinstance(model, PreTrainedModel):
-        hub.record_plan_(model)
 
 
 class CuttlefishTrainer(Trainer):
@@ -161,7 +199,9 @@ class CuttlefishTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
-        if self.cuttlefish.config.resolved_frobenius_decay <= 0:
+        # Mirror replace_parameters_: at the switch the factors leave the decay group only when it has
+        # weight_decay > 0 (with weight_decay=0 they stay in it), so a resumed optimizer has the same groups.
+        if self.cuttlefish.config.resolved_frobenius_decay <= 0 or self.args.weight_decay == 0:
             return names
         factors = {f"{name}.{part}.weight" for name, module in model.named_modules()
                    if isinstance(module, FactorizedLayer) for part in ("first", "second")}
@@ -204,6 +244,17 @@ class CuttlefishTrainer(Trainer):
             notes = {key: summary[key]
                      for key in ("mode", "rank_rule", "rank_rule_reason", "switch_step", "switch_epoch")}
             hub.write_model_card(self.model, self.args.output_dir, notes, repo_id=self.hub_model_id)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, plus ``modeling_cuttlefish.py`` and ``auto_map`` (the card's trust_remote_code route)."""
+        super()._save(output_dir, state_dict)
+        model = unwrap_compiled(self.accelerator.unwrap_model(self.model))
+        if self.args.should_save and isinstance(model, PreTrainedModel) and factorized_plan(model):
+            hub.write_remote_code(model, output_dir or self.args.output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        self.cuttlefish.resume_folder = checkpoint
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _current_model(self, model: nn.Module) -> nn.Module:
         return self._cuttlefish_wrapped if self._cuttlefish_wrapped is not None else model
