@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import FactorizedLinear
+from .layers import FactorizedLinear, dense_matrix, is_linear
 from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_rank, random_matrix_stable_rank,
                          rank_from_singular_values)
 from .stable_rank import as_matrix, check_finite, stable_ranks
@@ -154,9 +154,9 @@ class ActivationStats:
         modules = dict(model.named_modules())
         for name in names:
             module = modules.get(name)
-            if not isinstance(module, nn.Linear):
+            if not is_linear(module):
                 kind = "missing" if module is None else type(module).__name__
-                raise ValueError(f"ActivationStats needs nn.Linear modules; {name!r} is {kind}.")
+                raise ValueError(f"ActivationStats needs nn.Linear (or Conv1D) modules; {name!r} is {kind}.")
             self._handles.append(module.register_forward_pre_hook(self._hook(name, module)))
             if output_gradients:
                 self._handles.append(module.register_forward_hook(self._output_hook(name, module)))
@@ -477,8 +477,8 @@ def factorize_activation_aware_(
     as in ``factorize_``) keep plain SVD.
     """
     modules = dict(model.named_modules())
-    dense = {name: modules[name].weight.detach().clone() for name in plan
-             if name in covariances and isinstance(modules.get(name), nn.Linear)}
+    dense = {name: dense_matrix(modules[name]).detach().clone() for name in plan
+             if name in covariances and is_linear(modules.get(name))}
     # factorize_ checks the plan and that every planned weight is finite before any SVD (whitened ones below).
     report = factorize_(model, plan, init="svd", stable_ranks=stable_ranks, extra_bn=extra_bn)
     for name, weight in dense.items():

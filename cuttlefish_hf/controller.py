@@ -33,7 +33,7 @@ from torch import nn
 from .activation_aware import (ActivationStats, decide_ranks_activation_aware, detect_pretrained,
                                factorize_activation_aware_)
 from .config import CuttlefishConfig
-from .layers import FactorizedLayer, dense_shape, full_rank
+from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
 from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
 from .profiling import ProfileReport, profile_layers
 from .rank_rules import RankDecision, break_even_rank, decide_ranks, rank_from_singular_values
@@ -160,8 +160,9 @@ class Cuttlefish:
         self.rank_rule_reason = "the model was already factorized when training began"
 
     def _weights(self) -> dict[str, torch.Tensor]:
+        """Each target's ``(out, in*k*k)`` matrix (a view; a Conv1D's weight is stored transposed)."""
         modules = dict(self.model.named_modules())
-        return {name: modules[name].weight for name in self.targets}
+        return {name: dense_matrix(modules[name]) for name in self.targets}
 
     @property
     def decided(self) -> bool:
@@ -218,7 +219,7 @@ class Cuttlefish:
         if self.rank_rule != "activation_aware" or self.decided or self.activations is not None:
             return
         modules = dict(self.model.named_modules())
-        linear = [name for name in self.targets if isinstance(modules[name], nn.Linear)]
+        linear = [name for name in self.targets if is_linear(modules[name])]
         self.activations = ActivationStats(max_tokens=self.config.activation_tokens).start(self.model, linear)
 
     def _activation_covariances(self) -> dict[str, torch.Tensor]:

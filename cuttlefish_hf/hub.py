@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import __version__
-from .layers import FactorizedConv2d, FactorizedLayer
+from .layers import FactorizedConv2d, FactorizedLayer, dense_shape
 from .serialization import factor_ranks
 from .surgery import (FactorizationReport, factorization_report, factorize_, factorized_plan, merge_,
                       register_plan_recorder)
@@ -155,8 +156,18 @@ class CuttlefishHfQuantizer(HfQuantizer):
         except ValueError as error:
             raise ValueError(f"{source}: the Cuttlefish plan in config.json does not fit "
                              f"{type(model).__name__}: {error}") from error
+        # Between here and postprocess_model transformers runs the model's _init_weights, and some reach into a
+        # child's weight by name (GPT-2: module.c_proj.weight; T5: module.wi.weight). Give each factorized layer a
+        # stand-in ``weight`` of the dense shape on the meta device, flagged as loaded so no init touches it.
+        for module in model.modules():
+            if isinstance(module, FactorizedLayer):
+                module.weight = torch.empty(_stored_shape(module), device="meta")
+                module.weight._is_hf_initialized = True
 
     def postprocess_model(self, model: PreTrainedModel, **kwargs) -> None:
+        for module in model.modules():
+            if isinstance(module, FactorizedLayer) and "weight" in vars(module):
+                del module.weight  # the stand-in of preprocess_model
         # transformers marks every tensor it loaded from the checkpoint; a factor without the mark was initialized
         # randomly, which must never pass silently.
         not_loaded = [f"{name}.{key}" for name, module in model.named_modules() if isinstance(module, FactorizedLayer)
@@ -208,6 +219,12 @@ for _register, _cls in ((register_quantization_config, CuttlefishCheckpointConfi
         _register(QUANT_METHOD)(_cls)
     except ValueError:  # registered by an earlier import of this module (importlib.reload)
         pass
+
+
+def _stored_shape(module: FactorizedLayer) -> tuple[int, ...]:
+    """The shape the replaced dense weight was stored with (a Conv1D stores ``(in, out)``)."""
+    shape = dense_shape(module)
+    return shape[::-1] if getattr(module, "merges_to_conv1d", False) else shape
 
 
 def _preview(plan: Mapping[str, int], n: int = 3) -> str:
@@ -333,6 +350,7 @@ low-rank factors (``<layer>.first``, ``<layer>.second``). With cuttlefish_hf ins
 (its loader rebuilds the layers); without it, the lines below rebuild them.
 """
 
+import torch
 import transformers
 from torch import nn
 
@@ -348,16 +366,23 @@ class Factorized(nn.Module):
     def __init__(self, dense, rank, extra_bn):
         super().__init__()
         kwargs = dict(device=dense.weight.device, dtype=dense.weight.dtype)
-        if isinstance(dense, nn.Linear):
-            self.first = nn.Linear(dense.in_features, rank, bias=False, **kwargs)
+        if not isinstance(dense, nn.Conv2d):  # nn.Linear, or transformers' Conv1D (GPT-2: nf outputs, nx inputs)
+            conv1d = hasattr(dense, "nf")
+            out_features = dense.nf if conv1d else dense.out_features
+            in_features = dense.nx if conv1d else dense.in_features
+            self.first = nn.Linear(in_features, rank, bias=False, **kwargs)
             self.middle = nn.Identity()
-            self.second = nn.Linear(rank, dense.out_features, bias=dense.bias is not None, **kwargs)
+            self.second = nn.Linear(rank, out_features, bias=dense.bias is not None, **kwargs)
         else:
             self.first = nn.Conv2d(dense.in_channels, rank, dense.kernel_size, stride=dense.stride,
                                    padding=dense.padding, dilation=dense.dilation, bias=False,
                                    padding_mode=dense.padding_mode, **kwargs)
             self.middle = nn.BatchNorm2d(rank, **kwargs) if extra_bn else nn.Identity()
             self.second = nn.Conv2d(rank, dense.out_channels, 1, bias=dense.bias is not None, **kwargs)
+        # Some models' _init_weights read a child's weight by name (GPT-2: c_proj.weight): a stand-in of the dense
+        # shape on the meta device, flagged as loaded so transformers' init leaves it alone.
+        self.weight = torch.empty(dense.weight.shape, device="meta")
+        self.weight._is_hf_initialized = True
 
     def forward(self, x):
         return self.second(self.middle(self.first(x)))

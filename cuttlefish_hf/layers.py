@@ -9,6 +9,7 @@ optimizer holding it keeps its state across the switch.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -16,16 +17,44 @@ from torch.nn.modules.utils import _pair
 
 from .stable_rank import check_finite
 
-__all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "dense_shape", "full_rank"]
+__all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "dense_shape", "full_rank",
+           "dense_matrix", "is_conv1d", "is_linear", "is_factorizable"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's Linear with an ``(in, out)`` weight)."""
+    # Read from sys.modules: a model holding a Conv1D has imported it, and importing it here would load
+    # transformers for users who never touch it.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: ``y = x W^T + b`` whichever way the weight is stored."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_factorizable(module: nn.Module) -> bool:
+    """A dense layer ``factorize_`` can replace: ``nn.Linear``, transformers' ``Conv1D`` or ``nn.Conv2d``."""
+    return is_linear(module) or isinstance(module, nn.Conv2d)
 
 
 def dense_shape(module: nn.Module) -> tuple[int, ...]:
-    """Weight shape of a dense Linear/Conv2d, or of the dense layer a factorized one replaced."""
+    """``(out, in)`` or ``(out, in, k, k)`` of a dense Linear/Conv1D/Conv2d, or of the dense layer a factorized
+    one replaced."""
     if isinstance(module, FactorizedLinear):
         return (module.out_features, module.in_features)
     if isinstance(module, FactorizedConv2d):
         return (module.out_channels, module.in_channels, *module.first.kernel_size)
+    if is_conv1d(module):
+        return (module.nf, module.nx)
     return tuple(module.weight.shape)
+
+
+def dense_matrix(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in*k*k)`` matrix a dense layer applies (a view of its weight; transposed for a Conv1D)."""
+    weight = module.weight
+    return weight.T if is_conv1d(module) else weight.reshape(weight.shape[0], -1)
 
 
 def full_rank(module: nn.Module) -> int:
@@ -106,16 +135,20 @@ class FactorizedLinear(FactorizedLayer):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a "
                              f"{out_features}x{in_features} Linear, got {rank}.")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.merges_to_conv1d = False  # replaced a transformers Conv1D: merge_ gives one back
         self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.middle = nn.Identity()
         self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> FactorizedLinear:
-        """SVD-initialized factors of ``linear`` (SVD in fp32, factors cast back to its dtype)."""
+    def from_linear(cls, linear: nn.Module, rank: int) -> FactorizedLinear:
+        """SVD-initialized factors of an ``nn.Linear`` or a transformers ``Conv1D`` (SVD in fp32, factors cast
+        back to its dtype); a Conv1D's factorization merges back into a Conv1D."""
         weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
-        first, second = svd_factors(weight, rank)
+        out_features, in_features = dense_shape(linear)
+        layer = cls(in_features, out_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
+        layer.merges_to_conv1d = is_conv1d(linear)
+        first, second = svd_factors(dense_matrix(linear), rank)
         with torch.no_grad():
             layer.first.weight.copy_(first)
             layer.second.weight.copy_(second)
@@ -124,15 +157,24 @@ class FactorizedLinear(FactorizedLayer):
         layer.second.weight.requires_grad_(weight.requires_grad)
         return layer
 
-    def to_linear(self) -> nn.Linear:
-        """Merge the factors back into one dense ``nn.Linear`` (the bias Parameter is shared)."""
+    def to_linear(self) -> nn.Module:
+        """Merge the factors back into one dense ``nn.Linear`` (or the ``Conv1D`` it replaced); the bias Parameter
+        is shared."""
         weight = self.first.weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        if self.merges_to_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device(weight.device):
+                dense = Conv1D(self.out_features, self.in_features).to(weight.dtype)
+            merged = self.merged_weight().T
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+            merged = self.merged_weight()
         with torch.no_grad():
-            linear.weight.copy_(self.merged_weight())
-        linear.weight.requires_grad_(self.first.weight.requires_grad)
-        linear.bias = self.second.bias
-        return linear
+            dense.weight.copy_(merged)
+        dense.weight.requires_grad_(self.first.weight.requires_grad)
+        dense.bias = self.second.bias
+        return dense
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape
+from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape, is_factorizable
 
 __all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "profile_layers",
            "synthetic_input_shape"]
@@ -248,7 +248,8 @@ def profile_layers(
     start = time.perf_counter()
     cache = _CACHE if cache is None else cache
     modules = dict(model.named_modules())
-    missing = [name for name in ranks if not isinstance(modules.get(name), (nn.Linear, nn.Conv2d, FactorizedLayer))]
+    missing = [name for name in ranks if not (is_factorizable(modules.get(name)) or
+                                              isinstance(modules.get(name), FactorizedLayer))]
     if missing:
         raise ValueError(f"profile_layers: {missing[:5]} are not Linear/Conv2d (or factorized) modules of "
                          f"{type(model).__name__}.")

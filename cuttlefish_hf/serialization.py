@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .layers import is_factorizable
 from .surgery import factorize_
 
 __all__ = ["plan_from_state_dict", "factorize_for_state_dict_", "factor_ranks"]
@@ -25,7 +26,7 @@ def plan_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if not key.endswith(_FIRST):
             continue
         name = key[: -len(_FIRST)]
-        if isinstance(modules.get(name), (nn.Linear, nn.Conv2d)):
+        if is_factorizable(modules.get(name)):
             plan[name] = int(tensor.shape[0])
             extra_bn = extra_bn or f"{name}.middle.running_mean" in state_dict
     return plan, extra_bn

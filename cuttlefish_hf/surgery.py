@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape
+from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape, is_conv1d, is_factorizable
 from .stable_rank import check_finite
 from .targeting import shared_weight_error, shared_weights
 
@@ -100,12 +100,8 @@ class FactorizationReport:
 
 
 def _factorized_from(module: nn.Module, rank: int, extra_bn: bool, init: str) -> FactorizedLayer:
-    if isinstance(module, nn.Linear):
-        if init == "svd":
-            return FactorizedLinear.from_linear(module, rank)
-        layer = FactorizedLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
-                                 device=module.weight.device, dtype=module.weight.dtype)
-        return layer
+    """The factorized replacement of a dense layer: SVD factors (``init="svd"``) or uninitialized ones."""
+    weight = module.weight
     if isinstance(module, nn.Conv2d):
         if init == "svd":
             return FactorizedConv2d.from_conv(module, rank, extra_bn=extra_bn)
@@ -114,8 +110,17 @@ def _factorized_from(module: nn.Module, rank: int, extra_bn: bool, init: str) ->
         return FactorizedConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
                                 stride=module.stride, padding=module.padding, dilation=module.dilation,
                                 bias=module.bias is not None, padding_mode=module.padding_mode, extra_bn=extra_bn,
-                                device=module.weight.device, dtype=module.weight.dtype)
-    raise ValueError(f"Only nn.Linear and nn.Conv2d can be factorized, got {type(module).__name__}.")
+                                device=weight.device, dtype=weight.dtype)
+    if not is_factorizable(module):
+        raise ValueError(f"Only nn.Linear, transformers' Conv1D and nn.Conv2d can be factorized, got "
+                         f"{type(module).__name__}.")
+    if init == "svd":
+        return FactorizedLinear.from_linear(module, rank)
+    out_features, in_features = dense_shape(module)
+    layer = FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None, device=weight.device,
+                             dtype=weight.dtype)
+    layer.merges_to_conv1d = is_conv1d(module)
+    return layer
 
 
 def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Module]:
@@ -137,9 +142,9 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
     shared = shared_weights(model)
     for name, rank in plan.items():
         module = modules[name]
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"Plan entry {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d "
-                             "can be factorized.")
+        if not is_factorizable(module):
+            raise ValueError(f"Plan entry {name!r} is a {type(module).__name__}; only nn.Linear, transformers' "
+                             "Conv1D and nn.Conv2d can be factorized.")
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(f"Plan entry {name!r} is a grouped Conv2d (groups={module.groups}), which cannot be "
                              "factorized; leave it out of the plan (e.g. with `exclude_modules`).")
@@ -147,7 +152,7 @@ def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Modul
             raise shared_weight_error(name, shared)
         full_rank = min(module.weight.shape[0], module.weight[0].numel())
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
-            raise ValueError(f"Rank {rank!r} for {name!r} does not fit its {tuple(module.weight.shape)} weight: "
+            raise ValueError(f"Rank {rank!r} for {name!r} does not fit its {dense_shape(module)} weight: "
                              f"it must be an int in [1, {full_rank}].")
     return {name: modules[name] for name in plan}
 
@@ -201,7 +206,7 @@ def factorize_(
         new = _factorized_from(module, plan[name], extra_bn, init)
         _set_submodule(model, name, new)
         report.layers.append(LayerReport(
-            name=name, shape=tuple(module.weight.shape), rank=plan[name],
+            name=name, shape=dense_shape(module), rank=plan[name],
             params_before=count_parameters(module), params_after=count_parameters(new),
             stable_rank=None if stable_ranks is None else stable_ranks.get(name)))
     report.model_params_after = count_parameters(model)
@@ -221,7 +226,7 @@ def factorized_plan(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def merge_(model: nn.Module) -> int:
-    """Fold every factorized layer back into a dense ``nn.Linear`` / ``nn.Conv2d``; returns how many."""
+    """Fold every factorized layer back into the dense layer it replaced; returns how many."""
     model = unwrap_compiled(model)
     factorized = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
     # Check everything first so a failure leaves the model untouched rather than half merged.

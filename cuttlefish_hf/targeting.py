@@ -1,4 +1,4 @@
-"""Choose which ``nn.Linear`` / ``nn.Conv2d`` modules of a model get factorized.
+"""Choose which ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` modules of a model get factorized.
 
 ``target_modules="auto"`` is a structural rule that does not depend on any one
 library's module names: a Linear layer, or a Conv2d with a kernel larger than 1x1
@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import FactorizedLayer, dense_shape
+from .layers import FactorizedLayer, dense_shape, is_factorizable
 
-_TARGET_TYPES = (nn.Linear, nn.Conv2d)
 
 # Name components that are never auto-targeted, even inside a repeated block
 # (each regex must re.fullmatch one '.'-separated component of the module name).
@@ -55,7 +54,7 @@ def shared_weights(model: nn.Module) -> dict[str, list[str]]:
         owners.setdefault(id(param), []).append(module_name or param_name)  # a root parameter: its own name
     shared: dict[str, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if name and isinstance(module, _TARGET_TYPES):
+        if name and is_factorizable(module):
             others = [o for o in dict.fromkeys(owners.get(id(module.weight), ())) if o != name]
             if others:
                 shared[name] = others
@@ -195,7 +194,8 @@ def describe_targets(
     report = TargetReport(matched=[], skipped={})
     inside_factorized = tuple(f"{name}." for name, m in modules.items() if isinstance(m, FactorizedLayer))
     for name, module in modules.items():
-        if not name or not isinstance(module, (*_TARGET_TYPES, FactorizedLayer)) or name.startswith(inside_factorized):
+        if not name or not (is_factorizable(module) or isinstance(module, FactorizedLayer)) or \
+                name.startswith(inside_factorized):
             continue
         report.layers[name] = (type(module).__name__, "x".join(str(d) for d in dense_shape(module)))
         reason = _skip_reason(name, module, modules, target_modules, exclude_modules, shared)
@@ -218,10 +218,10 @@ def _check_explicit_matches(
             continue
         if exclude_modules is not None and matches(name, exclude_modules):
             continue
-        if not isinstance(module, _TARGET_TYPES):
+        if not is_factorizable(module):
             raise ValueError(
                 f"target_modules={target_modules!r} matched {name!r} ({type(module).__name__}), but "
-                f"only nn.Linear and nn.Conv2d can be factorized; {fix}."
+                f"only nn.Linear, transformers' Conv1D and nn.Conv2d can be factorized; {fix}."
             )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(
@@ -240,7 +240,7 @@ def _no_match_error(
 ) -> ValueError:
     candidates = list(report.layers)
     if not candidates:
-        return ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d module to factorize.")
+        return ValueError(f"{type(model).__name__} has no nn.Linear, Conv1D or nn.Conv2d module to factorize.")
     if _is_auto(target_modules):
         searched = (
             "target_modules='auto' (Linear, or Conv2d larger than 1x1, inside an nn.ModuleList/nn.Sequential block)"

@@ -302,7 +302,7 @@ def test_auto_without_repeated_blocks_raises() -> None:
 
 
 def test_model_without_linear_raises() -> None:
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match="no nn.Linear, Conv1D or nn.Conv2d"):
         find_targets(nn.Sequential(nn.ReLU()))
 
 
