@@ -44,6 +44,8 @@ from .tracker import StableRankTracker
 
 __all__ = ["Cuttlefish", "SwitchResult"]
 
+SPEED_REPORT_STEPS = 20  # low-rank steps timed before the controller says whether the switch paid
+
 logger = logging.getLogger(__name__)
 
 
@@ -115,6 +117,7 @@ class Cuttlefish:
         # wall seconds between consecutive step_end calls, full-rank and low-rank (their medians are reported)
         self.step_intervals: dict[str, list[float]] = {"dense": [], "low_rank": []}
         self._last_step_end: float | None = None
+        self._speed_reported = False
         self._hooks: list = []
         self.log_level = logging.INFO  # integrations whose users see only warnings raise this
         self.factorized_before_training = False
@@ -338,6 +341,8 @@ class Cuttlefish:
 
     def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
         if self.decided:
+            if not self._speed_reported and len(self.step_intervals["low_rank"]) >= SPEED_REPORT_STEPS:
+                self.report_speed()
             return None
         if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
             return self._on_measurement_point(step, optimizer, scheduler)
@@ -486,6 +491,38 @@ class Cuttlefish:
                 "step_speedup": dense / low_rank if dense and low_rank else None,
                 "targeted_flop_ideal_speedup": report.target_params_before / report.target_params_after
                 if report and report.target_params_after else None}
+
+    def report_speed(self) -> None:
+        """Say (once) whether the switch paid: the low-rank steps' median time against the dense phase's and
+        the FLOP ideal, with a warning naming the likely cause when low rank is slower. ``step_end`` calls it
+        after :data:`SPEED_REPORT_STEPS` low-rank steps; integrations call it at train end for shorter runs."""
+        times = self.step_times()
+        if self._speed_reported or not self.switched or not times["step_speedup"] or \
+                len(self.step_intervals["dense"]) < 3 or len(self.step_intervals["low_rank"]) < 3:
+            return
+        self._speed_reported = True
+        speedup, ideal = times["step_speedup"], times["targeted_flop_ideal_speedup"]
+        said = (f"Cuttlefish: low-rank steps take {times['low_rank_step_seconds'] * 1e3:.1f} ms against "
+                f"{times['dense_step_seconds'] * 1e3:.1f} ms dense (medians): {speedup:.2f}x")
+        if speedup >= 1:
+            logger.log(self.log_level, "%s faster (FLOP ideal of the factorized layers: %.2fx).", said, ideal)
+            return
+        logger.warning("%s, SLOWER than dense (FLOP ideal of the factorized layers: %.2fx). Likely causes: %s",
+                       said, ideal, "; ".join(self._slowness_causes(times["low_rank_step_seconds"])))
+
+    def _slowness_causes(self, low_rank_seconds: float) -> list[str]:
+        report, causes = self.report, []
+        on_gpu = any(p.is_cuda for p in self.model.parameters())
+        if on_gpu and low_rank_seconds < 0.1:
+            causes.append("host-bound steps (short GPU steps where kernel launches, not FLOPs, set the time: compile "
+                          "the model, e.g. TrainingArguments(torch_compile=True), or use larger batches)")
+        fractions = sorted(layer.rank / min(layer.shape[0], math.prod(layer.shape[1:])) for layer in report.layers)
+        if fractions[len(fractions) // 2] < 1 / 8:
+            causes.append(f"thin ranks (median rank {fractions[len(fractions) // 2]:.2f}x the full rank: products "
+                          "this thin run far below the device's peak)")
+        causes.append("too little work per matrix product (small batch x sequence length): skip_first_blocks='auto' "
+                      "times each layer and keeps dense the ones factorizing does not speed up")
+        return causes
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: switch point, plan, parameter counts, step times and time spent."""

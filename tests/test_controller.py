@@ -155,3 +155,35 @@ def test_a_switch_that_factorizes_nothing_leaves_the_optimizer_alone():
     assert result.report.layers == [] and result.new_parameters == [] and not controller.switched
     assert [list(group["params"]) for group in optimizer.param_groups] == groups
     assert not optimizer._optimizer_step_pre_hooks  # no re-warm-up ramp on a model that did not change
+
+
+# -- did it pay? -----------------------------------------------------------------------------------------------------
+def timed_run(seconds_dense: float, seconds_low_rank: float, caplog, monkeypatch) -> Cuttlefish:
+    """A Pufferfish run whose steps take the given seconds (on a fake clock) before and after its switch."""
+    from cuttlefish_hf.controller import SPEED_REPORT_STEPS
+
+    controller = Cuttlefish(tiny_bert(), CuttlefishConfig(mode="pufferfish", fixed_warmup_fraction=0.2),
+                            total_steps=100)
+    clock = {"now": 0.0}
+    monkeypatch.setattr("cuttlefish_hf.controller.time.perf_counter", lambda: clock["now"])
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        controller.begin()
+        for step in range(1, 20 + SPEED_REPORT_STEPS + 2):
+            clock["now"] += seconds_low_rank if controller.switched else seconds_dense
+            controller.step_end(step)
+    return controller
+
+
+def test_the_run_says_once_that_the_switch_paid(caplog, monkeypatch):
+    controller = timed_run(0.4, 0.2, caplog, monkeypatch)
+    assert controller.step_times()["step_speedup"] == pytest.approx(2.0)
+    messages = [r.getMessage() for r in caplog.records if "low-rank steps take" in r.getMessage()]
+    assert messages == [f"Cuttlefish: low-rank steps take 200.0 ms against 400.0 ms dense (medians): 2.00x faster "
+                        f"(FLOP ideal of the factorized layers: {controller.step_times()['targeted_flop_ideal_speedup']:.2f}x)."]
+
+
+def test_a_slower_low_rank_phase_is_a_warning_naming_likely_causes(caplog, monkeypatch):
+    timed_run(0.2, 0.25, caplog, monkeypatch)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "SLOWER" in r.getMessage()]
+    assert len(warnings) == 1 and "0.80x, SLOWER than dense" in warnings[0]
+    assert "skip_first_blocks='auto'" in warnings[0]

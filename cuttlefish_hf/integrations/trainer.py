@@ -166,6 +166,10 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self._after_switch(self.controller.step_end(state.global_step, optimizer, lr_scheduler))
         self._after_measurement(measured)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.report_speed()  # runs shorter than SPEED_REPORT_STEPS low-rank steps
+
     def on_epoch_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         measured = len(self.controller.measured_steps)
         self._after_switch(self.controller.epoch_end(state.global_step, optimizer, lr_scheduler))
