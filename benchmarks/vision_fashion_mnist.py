@@ -36,7 +36,7 @@ RECIPE = ["--batch-size", "128", "--lr", "1e-3", "--weight-decay", "0.05", "--wa
 
 def run(mode: str, args: argparse.Namespace, output_dir: Path) -> dict:
     command = [sys.executable, str(EXAMPLE), "--cpu", "--data-dir", args.data_dir, "--output-dir", str(output_dir),
-               "--mode", mode, "--epochs", str(args.epochs), "--train-subset", str(args.train_subset), *MODEL, *RECIPE,
+               *(["--no_cuttlefish"] if mode == "vanilla" else ["--mode", mode]), "--epochs", str(args.epochs), "--train-subset", str(args.train_subset), *MODEL, *RECIPE,
                "--seed", str(args.seed)]
     if args.eval_subset:
         command += ["--eval-subset", str(args.eval_subset)]

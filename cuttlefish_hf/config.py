@@ -1,28 +1,30 @@
-"""``CuttlefishConfig``: every knob of the method in one validated dataclass."""
+"""``CuttlefishConfig``: every knob of the method in one validated dataclass, a flag for ``HfArgumentParser``."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from .activation_aware import LAYER_KINDS, PRETRAINED_DEFAULT_FRACTIONS
+from .logging_utils import get_logger
 from .profiling import DEFAULT_TOKENS_PER_BATCH
 from .rank_rules import RANK_RULES, XI_REFERENCES
 
 __all__ = ["CONFIG_RANK_RULES", "CuttlefishConfig", "MODES"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MODES = ("cuttlefish", "pufferfish", "si_fd")
 # What `rank_rule` accepts: the spectrum rules of rank_rules.py, plus the activation-aware rule and "auto".
 CONFIG_RANK_RULES = ("auto", "activation_aware", *RANK_RULES)
 PROFILE_DTYPES = (None, "float32", "float16", "bfloat16")
 CONFIG_NAME = "cuttlefish_config.json"
+# Keys of files written by older versions: `seed` clashed with TrainingArguments' --seed in one HfArgumentParser.
+RENAMED_KEYS = {"seed": "power_iteration_seed"}
 # Mode-dependent defaults for fields left as None: (frobenius_decay, extra_bn, skip_first_blocks).
 MODE_DEFAULTS = {
     "cuttlefish": (1e-4, False, 0),
@@ -49,6 +51,32 @@ def _is_one_of(value: Any, choices: tuple) -> bool:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Command-line flags (and YAML/JSON args files read as text) give every value as a string. The fields that also
+# take lists, dicts or words are annotated `X | str | None` with `str` second: HfArgumentParser then reads the
+# flag as text, and __post_init__ turns the text into the value.
+def _json_from_text(name: str, value: Any, example: str) -> Any:
+    """A dict field given as text: its JSON value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name}={_show(value)} is not valid JSON ({error}); write a dict such as {example}."
+                         ) from None
+
+
+def _patterns_from_text(value: Any) -> Any:
+    """A JSON list of names given as text ('["query", "value"]') is that list; any other text is a regex."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:  # a regex such as "[qk]ey"
+            return value
+        if isinstance(decoded, list):
+            return decoded
+    return value
 
 
 class _Range(NamedTuple):
@@ -90,7 +118,7 @@ _RANGES = {
     "rewarmup_steps": _Range(int, 0, 10**7, why="longer than any run"),
     "power_iterations": _Range(int, 1, 1000, why="each one is a pass over every tracked weight at every "
                                "measurement; warm-started, 4 suffice"),
-    "seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
+    "power_iteration_seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
 }
 # Fields taking one of a few values (str or None; compared by type too, so True is not 1 and "None" not None).
 _CHOICES = {"mode": MODES, "rank_rule": CONFIG_RANK_RULES, "xi_reference": XI_REFERENCES,
@@ -100,6 +128,9 @@ _CHOICES = {"mode": MODES, "rank_rule": CONFIG_RANK_RULES, "xi_reference": XI_RE
 @dataclass
 class CuttlefishConfig:
     """Configuration of Cuttlefish low-rank training (and the Pufferfish / SI&FD baselines).
+
+    Every field is a flag of ``transformers.HfArgumentParser`` (``--window 3``, ``--rank_pattern
+    '{"output.dense": 64}'``), alone or next to ``TrainingArguments``; text is read as the value it stands for.
 
     Example:
         >>> config = CuttlefishConfig(rank_rule="energy", energy_threshold=0.95)
@@ -111,14 +142,15 @@ class CuttlefishConfig:
         "'cuttlefish': switch to low rank when stable ranks settle, ranks from the rank rule; "
         "'pufferfish': fixed rank ratio after a fixed warm-up, first blocks kept full-rank; "
         "'si_fd': factorize at step 0 (spectral init) with Frobenius decay at a fixed rank ratio.")})
-    target_modules: Union[str, list[str], None] = field(default="auto", metadata={"help": (
-        "Modules to factorize. 'auto': Linear layers and k x k convs inside repeated blocks (never embeddings, "
-        "pooler or head). A string is a regex matched against the full module name; a list matches exact "
-        "names or name suffixes.")})
-    exclude_modules: Union[str, list[str], None] = field(default=None, metadata={"help": (
+    target_modules: list[str] | str | None = field(default="auto", metadata={"help": (
+        "Modules to factorize. 'auto' (or None): Linear layers and k x k convs inside repeated blocks (never "
+        "embeddings, pooler or head). A string is a regex matched against the full module name; a list matches "
+        "exact names or name suffixes (as text, a JSON list: '[\"query\", \"value\"]').")})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": (
         "Modules never factorized, same syntax as target_modules; checked first.")})
-    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
-        "Fixed ranks for some layers: {regex or name suffix: rank}, overriding the rank rule.")})
+    rank_pattern: dict[str, int] | str | None = field(default_factory=dict, metadata={"help": (
+        "Fixed ranks for some layers: {regex or name suffix: rank}, overriding the rank rule (as text, JSON: "
+        "'{\"output.dense\": 64}'; None: none).")})
     rank_rule: str = field(default="auto", metadata={"help": (
         "How ranks are chosen at the switch (cuttlefish mode). 'auto': 'activation_aware' when the targets look "
         "pretrained at train begin (fine-tuning), else 'scaled_stable_rank' (the paper's rule, for training from "
@@ -133,10 +165,11 @@ class CuttlefishConfig:
         "For rank_rule='energy': keep the smallest rank holding this fraction of sum(sigma^2).")})
     rank_ratio: float = field(default=0.25, metadata={"help": (
         "For rank_rule='fixed_ratio' and the pufferfish / si_fd modes: rank = ceil(ratio * full_rank).")})
-    activation_fractions: dict[str, float] = field(
+    activation_fractions: dict[str, float] | str | None = field(
         default_factory=lambda: dict(PRETRAINED_DEFAULT_FRACTIONS), metadata={"help": (
             "For rank_rule='activation_aware': the fraction of its parameters each layer keeps, by kind "
-            f"({', '.join(LAYER_KINDS)}; a kind not listed keeps 0.6).")})
+            f"({', '.join(LAYER_KINDS)}; a kind not listed keeps 0.6). As text, JSON: "
+            "'{\"attention\": 0.5, \"ffn\": 0.8}'; None: the default.")})
     activation_tokens: int = field(default=4096, metadata={"help": (
         "For rank_rule='activation_aware': input tokens per layer whose second moments are recorded after each "
         "measurement (those of the period before the switch are used). Recording costs about 1.5x the layers' "
@@ -157,9 +190,9 @@ class CuttlefishConfig:
     fixed_warmup_fraction: float = field(default=0.25, metadata={"help": (
         "Pufferfish mode: switch after this fraction of the planned training steps.")})
     skip_first_blocks: int | str | None = field(default=None, metadata={"help": (
-        "Keep the first K repeated blocks full-rank (None: 0, or 1 for pufferfish). 'auto': at the switch, time "
-        "each planned layer dense and factorized on the training device and keep full-rank every layer whose "
-        "factorization is not faster by profile_margin (see cuttlefish_hf.profiling).")})
+        "Keep the first K repeated blocks full-rank (None or 'none': 0, or 1 for pufferfish). 'auto': at the "
+        "switch, time each planned layer dense and factorized on the training device and keep full-rank every "
+        "layer whose factorization is not faster by profile_margin (see cuttlefish_hf.profiling).")})
     profile_margin: float = field(default=0.1, metadata={"help": (
         "With skip_first_blocks='auto': a layer is factorized only when its factorized forward+backward takes at "
         "most (1 - profile_margin) of the dense time.")})
@@ -179,9 +212,14 @@ class CuttlefishConfig:
         "After the switch, ramp the learning rate linearly from 0 back to the schedule over this many steps.")})
     power_iterations: int = field(default=4, metadata={"help": (
         "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
-    seed: int = field(default=0, metadata={"help": "Seed of the power-iteration start vectors."})
+    power_iteration_seed: int = field(default=0, metadata={"help": (
+        "Seed of the power-iteration start vectors (was `seed`, which clashed with TrainingArguments' --seed).")})
+
+    # HfArgumentParser lists the fields' flags under this heading.
+    _argument_group_name = "Cuttlefish (the fields of CuttlefishConfig)"
 
     def __post_init__(self) -> None:
+        self._read_text_values()
         # Every field is checked, types included: a wrong type accepted here fails much later, or silently
         # means something else (extra_bn="false" is truthy: BatchNorm on, Frobenius decay off).
         for name, choices in _CHOICES.items():
@@ -210,6 +248,23 @@ class CuttlefishConfig:
             raise ValueError("extra_bn and frobenius_decay are mutually exclusive (as in the reference code): "
                              "set frobenius_decay=0 to use extra_bn, or extra_bn=False to use frobenius_decay"
                              f" (mode={self.mode!r} defaults extra_bn to {MODE_DEFAULTS[self.mode][1]}).")
+
+    def _read_text_values(self) -> None:
+        """Text as flags give it (see _json_from_text) -> the values it stands for; the checks come after."""
+        self.target_modules = _patterns_from_text(self.target_modules)
+        self.exclude_modules = _patterns_from_text(self.exclude_modules)
+        self.rank_pattern = _json_from_text("rank_pattern", self.rank_pattern, '\'{"output.dense": 64}\'')
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        self.activation_fractions = _json_from_text("activation_fractions", self.activation_fractions,
+                                                    '\'{"attention": 0.5, "ffn": 0.8}\'')
+        if self.activation_fractions is None:
+            self.activation_fractions = dict(PRETRAINED_DEFAULT_FRACTIONS)
+        if isinstance(self.skip_first_blocks, str):
+            if self.skip_first_blocks.lower() == "none":
+                self.skip_first_blocks = None
+            elif re.fullmatch("[0-9]+", self.skip_first_blocks):
+                self.skip_first_blocks = int(self.skip_first_blocks)
 
     # -- resolved, mode-dependent values -------------------------------------------------------------
     @property
@@ -276,6 +331,10 @@ class CuttlefishConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CuttlefishConfig:
         """Build from a dict, ignoring (with a warning) keys written by newer versions."""
+        data = dict(data)
+        for old, new in RENAMED_KEYS.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -293,9 +352,46 @@ class CuttlefishConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> CuttlefishConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"No {CONFIG_NAME} in {directory!s}; was it saved with config.save_pretrained()?")
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool | None = None, subfolder: str = "") -> CuttlefishConfig:
+        """Load ``cuttlefish_config.json`` from a local folder or a Hub repo (downloaded into the Hub cache).
+
+        Example:
+            >>> config = CuttlefishConfig.from_pretrained("me/bert-sst2-cuttlefish")  # doctest: +SKIP
+        """
+        if os.path.isdir(name_or_path):
+            folder = os.path.join(name_or_path, subfolder)
+            path = os.path.join(folder, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(f"No {CONFIG_NAME} in {folder!s}; was it saved with config.save_pretrained()?")
+        else:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+            try:
+                path = hf_hub_download(str(name_or_path), CONFIG_NAME, subfolder=subfolder or None,
+                                       revision=revision, cache_dir=cache_dir, token=token,
+                                       local_files_only=bool(local_files_only))
+            # A missing file, repo or revision, no network and no cached copy, a malformed id: the Hub's message
+            # says which.
+            except (OSError, EntryNotFoundError, HFValidationError) as error:
+                where = f"Hub repo {str(name_or_path)!r} (revision {revision or 'main'!r}" + (
+                    f", subfolder {subfolder!r})" if subfolder else ")")
+                raise ValueError(f"No {CONFIG_NAME} for {str(name_or_path)!r}: not a local folder, and the {where} "
+                                 f"could not provide it: {error}") from error
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload CuttlefishConfig", private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """Upload ``cuttlefish_config.json`` to a Hub repo, created if needed; returns the commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+        return api.upload_file(path_or_fileobj=self.to_json_string().encode(), path_in_repo=CONFIG_NAME,
+                               repo_id=repo_id, commit_message=commit_message, revision=revision,
+                               create_pr=create_pr, token=token)

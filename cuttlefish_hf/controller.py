@@ -34,6 +34,7 @@ from .activation_aware import (ActivationStats, decide_ranks_activation_aware, d
                                factorize_activation_aware_)
 from .config import CuttlefishConfig
 from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
+from .logging_utils import get_logger
 from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
 from .profiling import ProfileReport, profile_layers
 from .rank_rules import RankDecision, break_even_rank, decide_ranks, rank_from_singular_values
@@ -46,7 +47,7 @@ __all__ = ["Cuttlefish", "SwitchResult"]
 
 SPEED_REPORT_STEPS = 20  # low-rank steps timed before the controller says whether the switch paid
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Cuttlefish:
         self.targets = self._select_targets()
         modules = dict(model.named_modules())
         self.full_ranks = {name: full_rank(modules[name]) for name in self.targets}
-        self.meter = StableRankMeter(n_iter=config.power_iterations, seed=config.seed)
+        self.meter = StableRankMeter(n_iter=config.power_iterations, seed=config.power_iteration_seed)
         self.tracker = StableRankTracker(
             self.full_ranks, window=config.window, eps_relative=config.eps_relative, ema_decay=config.ema_decay,
             min_measurements=config.min_warmup_measurements)

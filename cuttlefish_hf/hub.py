@@ -29,7 +29,6 @@ loads checkpoints strictly, so ``timm.create_model(..., pretrained=True)`` fails
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tempfile
 from collections import Counter
@@ -46,6 +45,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import __version__
 from .layers import FactorizedConv2d, FactorizedLayer, dense_shape
+from .logging_utils import get_logger
 from .serialization import factor_ranks
 from .surgery import (FactorizationReport, factorization_report, factorize_, factorized_plan, merge_,
                       register_plan_recorder)
@@ -66,7 +66,7 @@ __all__ = [
     "load_timm",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 QUANT_METHOD = "cuttlefish"
 TIMM_RECORD_KEY = "cuttlefish"

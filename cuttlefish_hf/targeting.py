@@ -156,9 +156,10 @@ def _skip_reason(
     return None
 
 
-@dataclass
+@dataclass(repr=False)
 class TargetReport:
-    """Which Linear/Conv2d layers were targeted, and why the others were not."""
+    """Which Linear/Conv2d layers were targeted, and why the others were not: ``matched`` and ``skipped`` hold the
+    names; ``str()`` and ``repr()`` are the table (so a REPL or notebook shows it, and ``print`` prints it)."""
 
     matched: list[str]
     skipped: dict[str, str]  # candidate layer name -> reason it was not targeted
@@ -181,6 +182,9 @@ class TargetReport:
         lines.append(f"{len(self.matched)} of {len(names)} Linear/Conv2d layers targeted")
         return "\n".join(lines)
 
+    def __repr__(self) -> str:  # the table, not the fields: what a REPL or notebook cell shows
+        return str(self)
+
 
 def describe_targets(
     model: nn.Module,
@@ -188,7 +192,17 @@ def describe_targets(
     exclude_modules: str | list[str] | None = None,
 ) -> TargetReport:
     """Classify every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` as targeted or skipped (with
-    a reason). Unlike :func:`find_targets` it does not raise when nothing matches."""
+    a reason). Unlike :func:`find_targets` it does not raise when nothing matches.
+
+    Returns a :class:`TargetReport`; a REPL or notebook shows it as a table, a script prints it::
+
+        >>> print(describe_targets(BertModel(BertConfig(num_hidden_layers=1))))
+        module                                  type    shape     targeted  reason
+        encoder.layer.0.attention.self.query    Linear  768x768   yes
+        ...
+        pooler.dense                            Linear  768x768   no        never-target component 'pooler'
+        6 of 7 Linear/Conv2d layers targeted
+    """
     modules = dict(model.named_modules())
     shared = shared_weights(model)
     report = TargetReport(matched=[], skipped={})

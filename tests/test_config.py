@@ -124,8 +124,8 @@ def test_resolved_explicit_values_win():
 def _non_default() -> CuttlefishConfig:
     return CuttlefishConfig(mode="cuttlefish", target_modules=["query", "value"], exclude_modules=r".*pooler.*",
                             rank_pattern={"intermediate.dense": 48}, rank_rule="energy", energy_threshold=0.95,
-                            measure_every_steps=50, window=3, eps_relative=0.002, rewarmup_steps=10, seed=7,
-                            frobenius_decay=0.0, extra_bn=True)
+                            measure_every_steps=50, window=3, eps_relative=0.002, rewarmup_steps=10,
+                            power_iteration_seed=7, frobenius_decay=0.0, extra_bn=True)
 
 
 def test_json_round_trip():
@@ -201,11 +201,11 @@ def test_non_finite_floats_are_refused(name, value):
         # a string is truthy: extra_bn="false" turned BatchNorm on and Frobenius decay off
         (dict(extra_bn="false"), "extra_bn must be True, False or None"),
         (dict(extra_bn=0), "extra_bn must be True, False or None"),
-        (dict(seed="0"), "seed must be an integer >= 0 and <= 18446744073709551615"),
-        (dict(seed=1.0), "seed must be an integer >= 0"),
-        (dict(seed=True), "seed must be an integer >= 0"),
-        (dict(seed=-1), "seed must be an integer >= 0"),
-        (dict(seed=2**64), "seed must be an integer >= 0"),
+        (dict(power_iteration_seed="0"), "power_iteration_seed must be an integer >= 0 and <= 1844674407370955161"),
+        (dict(power_iteration_seed=1.0), "power_iteration_seed must be an integer >= 0"),
+        (dict(power_iteration_seed=True), "power_iteration_seed must be an integer >= 0"),
+        (dict(power_iteration_seed=-1), "power_iteration_seed must be an integer >= 0"),
+        (dict(power_iteration_seed=2**64), "power_iteration_seed must be an integer >= 0"),
         (dict(window=True), "window must be an integer >= 1 and <= 1000"),
         (dict(window=10**6), "window must be an integer >= 1 and <= 1000"),
         (dict(power_iterations=10**9), "power_iterations must be an integer >= 1 and <= 1000 (each one is a pass"),
@@ -219,7 +219,7 @@ def test_non_finite_floats_are_refused(name, value):
         (dict(measure_every_steps=10**12), "measure_every_steps must be an integer >= 1 and <= 10000000, or None"),
         (dict(measure_every_steps=True), "measure_every_steps must be an integer"),
         (dict(skip_first_blocks=True), "skip_first_blocks must be an integer >= 0"),
-        (dict(skip_first_blocks="2"), "skip_first_blocks must be an integer >= 0, 'auto' (keep dense"),
+        (dict(skip_first_blocks="2.5"), "skip_first_blocks must be an integer >= 0, 'auto' (keep dense"),
         (dict(frobenius_decay=True), "frobenius_decay must be a number >= 0 and <= 1, or None for"),
         (dict(frobenius_decay=10**400), "frobenius_decay must be a number >= 0 and <= 1"),
         (dict(eps_relative=2.0), "eps_relative must be a number >= 0 and <= 1 (1 already"),
@@ -256,9 +256,212 @@ def test_every_field_is_validated():
 
 def test_bounds_themselves_are_accepted_and_long_values_are_shortened():
     config = CuttlefishConfig(power_iterations=1000, profile_tokens_per_batch=2**24, activation_tokens=2**24,
-                              window=1000, seed=2**64 - 1, min_rank=2**20, eps_relative=1, frobenius_decay=1,
-                              rewarmup_steps=10**7, measure_every_steps=10**7, skip_first_blocks="auto")
+                              window=1000, power_iteration_seed=2**64 - 1, min_rank=2**20, eps_relative=1,
+                              frobenius_decay=1, rewarmup_steps=10**7, measure_every_steps=10**7,
+                              skip_first_blocks="auto")
     assert CuttlefishConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError) as info:
         CuttlefishConfig(target_modules=[[str(i)] for i in range(1000)])
     assert len(str(info.value)) < 200 and str(info.value).endswith("...")
+
+
+# --------------------------------------------------------------------------- HfArgumentParser: flags are the fields
+def _parse(*flags: str, with_training_args: bool = False):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((CuttlefishConfig, TrainingArguments) if with_training_args else CuttlefishConfig)
+    return parser.parse_args_into_dataclasses(list(flags), look_for_args_file=False)
+
+
+def test_hf_argument_parser_reads_every_kind_of_field():
+    (config,) = _parse("--mode", "cuttlefish", "--target_modules", '["query", "value"]', "--exclude_modules",
+                       r".*pooler.*", "--rank_pattern", '{"output.dense": 64}', "--activation_fractions",
+                       '{"attention": 0.5, "ffn": 0.8}', "--skip_first_blocks", "2", "--extra_bn", "false",
+                       "--frobenius_decay", "0", "--measure_every_steps", "50", "--profile_dtype", "bfloat16",
+                       "--rank_rule", "energy", "--energy_threshold", "0.95", "--window", "3",
+                       "--power_iteration_seed", "7")
+    assert config == CuttlefishConfig(target_modules=["query", "value"], exclude_modules=r".*pooler.*",
+                                      rank_pattern={"output.dense": 64},
+                                      activation_fractions={"attention": 0.5, "ffn": 0.8}, skip_first_blocks=2,
+                                      extra_bn=False, frobenius_decay=0.0, measure_every_steps=50,
+                                      profile_dtype="bfloat16", rank_rule="energy", energy_threshold=0.95,
+                                      window=3, power_iteration_seed=7)
+    assert _parse() == (CuttlefishConfig(),)
+
+
+def test_hf_argument_parser_next_to_training_arguments(tmp_path):
+    config, training_args = _parse("--output_dir", str(tmp_path), "--seed", "5", "--power_iteration_seed", "9",
+                                   "--skip_first_blocks", "auto", "--target_modules", "[qk]ey", "--extra_bn", "true",
+                                   "--frobenius_decay", "0", "--measure_every_steps", "4", with_training_args=True)
+    assert config == CuttlefishConfig(skip_first_blocks="auto", target_modules="[qk]ey", extra_bn=True,
+                                      frobenius_decay=0.0, measure_every_steps=4, power_iteration_seed=9)
+    assert training_args.seed == 5 and training_args.output_dir == str(tmp_path)
+    # --help renders every field, its help text the field's own
+    from transformers import HfArgumentParser
+    text = HfArgumentParser(CuttlefishConfig).format_help()
+    for f in fields(CuttlefishConfig):
+        assert f"--{f.name} " in text, f.name
+        assert "".join(f.metadata["help"].split())[:60] in "".join(text.split()), f.name  # (lines wrap)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    # text, as a flag or a JSON/YAML args file gives it, and the Python objects code passes
+    (dict(skip_first_blocks="3"), dict(skip_first_blocks=3)),
+    (dict(skip_first_blocks="none"), dict(skip_first_blocks=None)),
+    (dict(skip_first_blocks="None"), dict(skip_first_blocks=None)),
+    (dict(target_modules='["query", "value"]'), dict(target_modules=["query", "value"])),
+    (dict(target_modules="[qk]ey"), dict(target_modules="[qk]ey")),  # not JSON: a regex
+    (dict(exclude_modules='["pooler"]'), dict(exclude_modules=["pooler"])),
+    (dict(rank_pattern='{"output.dense": 64}'), dict(rank_pattern={"output.dense": 64})),
+    (dict(rank_pattern=None), dict(rank_pattern={})),
+    (dict(activation_fractions='{"ffn": 0.5}'), dict(activation_fractions={"ffn": 0.5})),
+    (dict(activation_fractions=None), dict()),  # the defaults
+])
+def test_text_values_are_read_like_their_python_objects(kwargs, expected):
+    config = CuttlefishConfig(**kwargs)
+    assert config == CuttlefishConfig(**expected)
+    assert CuttlefishConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--rank_pattern", '{"query": 8'), "rank_pattern='{\"query\": 8' is not valid JSON"),
+    (("--rank_pattern", '{"query": 0}'), "rank_pattern['query'] must be a positive int rank, got 0."),
+    (("--rank_pattern", "[8]"), "rank_pattern must be a dict {regex or name suffix: rank}, got [8]."),
+    (("--activation_fractions", "ffn=0.5"), "activation_fractions='ffn=0.5' is not valid JSON"),
+    (("--activation_fractions", '{"mlp": 0.5}'), "activation_fractions must be a dict with keys among"),
+    (("--skip_first_blocks", "two"), "skip_first_blocks must be an integer >= 0, 'auto'"),
+    (("--skip_first_blocks", "-1"), "skip_first_blocks must be an integer >= 0"),
+    (("--target_modules", '["query", 3]'), "target_modules must be a regex string or a list of module names"),
+    (("--target_modules", "(query"), "target_modules='(query' is not a valid regular expression"),
+    (("--mode", "lora"), "mode='lora' is not valid; choose one of"),
+    (("--profile_dtype", "fp8"), "profile_dtype='fp8' is not valid; choose one of"),
+    (("--frobenius_decay", "2"), "frobenius_decay must be a number >= 0 and <= 1"),
+])
+def test_bad_flag_values_raise_naming_the_field(flags, message):
+    with pytest.raises(ValueError) as info:
+        _parse(*flags)
+    assert message in str(info.value)
+
+
+def test_a_bool_flag_takes_only_bool_words(capsys):
+    with pytest.raises(SystemExit):
+        _parse("--extra_bn", "maybe")
+    assert "extra-bn: Truthy value expected: got maybe" in capsys.readouterr().err
+
+
+def test_seed_was_renamed_and_old_files_still_load():
+    # `seed` clashed with TrainingArguments' --seed in one HfArgumentParser.
+    assert CuttlefishConfig.from_dict({"seed": 7}) == CuttlefishConfig(power_iteration_seed=7)
+    assert "seed" not in CuttlefishConfig().to_dict()
+
+
+# --------------------------------------------------------------------------- the Hub
+class _FakeHub:
+    """hf_hub_download / HfApi stand-ins recording their calls; uploads land in ``files``."""
+
+    def __init__(self):
+        self.calls, self.files = [], {}
+
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        self.calls.append(("hf_hub_download", repo_id, filename, kwargs))
+        key = (repo_id, kwargs.get("subfolder") or "", kwargs.get("revision") or "main")
+        if key not in self.files:
+            from types import SimpleNamespace
+
+            from huggingface_hub.errors import RemoteEntryNotFoundError
+
+            raise RemoteEntryNotFoundError(f"404 Client Error. Entry Not Found for url: .../{repo_id}/{filename}",
+                                           response=SimpleNamespace(headers={}, request=None, status_code=404))
+        path = os.path.join(kwargs["cache_dir"] or ".", "downloaded.json")
+        with open(path, "wb") as handle:
+            handle.write(self.files[key])
+        return path
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_file(self, **kwargs):
+        self.calls.append(("upload_file", kwargs["repo_id"], kwargs))
+        self.files[kwargs["repo_id"], "", kwargs.get("revision") or "main"] = kwargs["path_or_fileobj"]
+        return "commit-info"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    hub = _FakeHub()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    for name in ("create_repo", "create_branch", "upload_file"):  # (bound to `hub`: HfApi's self is not passed)
+        monkeypatch.setattr(huggingface_hub.HfApi, name, getattr(hub, name))
+    return hub
+
+
+def test_push_to_hub_then_from_pretrained_round_trips(fake_hub, tmp_path):
+    config = _non_default()
+    assert config.push_to_hub("me/cfg", commit_message="Add config", private=True, token="hf_x",
+                              revision="v1", create_pr=True) == "commit-info"
+    (_, repo, create), (_, _, branch), (_, _, upload) = fake_hub.calls
+    assert (repo, create) == ("me/cfg", {"private": True, "exist_ok": True, "token": "hf_x"})
+    assert branch == {"branch": "v1", "exist_ok": True, "token": "hf_x"}
+    assert upload == {"path_or_fileobj": config.to_json_string().encode(), "path_in_repo": CONFIG_NAME,
+                      "repo_id": "me/cfg", "commit_message": "Add config", "revision": "v1", "create_pr": True,
+                      "token": "hf_x"}
+    fake_hub.calls.clear()
+    loaded = CuttlefishConfig.from_pretrained("me/cfg", revision="v1", cache_dir=str(tmp_path), token="hf_x",
+                                              local_files_only=True)
+    assert loaded == config
+    assert fake_hub.calls == [("hf_hub_download", "me/cfg", CONFIG_NAME,
+                               {"subfolder": None, "revision": "v1", "cache_dir": str(tmp_path), "token": "hf_x",
+                                "local_files_only": True})]
+
+
+def test_push_to_hub_defaults(fake_hub):
+    CuttlefishConfig().push_to_hub("me/cfg")
+    (_, _, create), (_, _, upload) = fake_hub.calls  # no revision: no branch to create
+    assert create == {"private": None, "exist_ok": True, "token": None}
+    assert upload["revision"] is None and upload["create_pr"] is False and upload["commit_message"]
+
+
+def test_from_pretrained_subfolder_local_and_hub(fake_hub, tmp_path):
+    config = CuttlefishConfig(window=4)
+    config.save_pretrained(tmp_path / "run" / "cuttlefish")
+    assert CuttlefishConfig.from_pretrained(tmp_path / "run", subfolder="cuttlefish") == config
+    assert fake_hub.calls == []  # a local folder never reaches the Hub
+    fake_hub.files["me/cfg", "cuttlefish", "main"] = config.to_json_string().encode()
+    assert CuttlefishConfig.from_pretrained("me/cfg", subfolder="cuttlefish", cache_dir=str(tmp_path)) == config
+    assert fake_hub.calls[-1][3]["subfolder"] == "cuttlefish" and fake_hub.calls[-1][3]["local_files_only"] is False
+
+
+def test_from_pretrained_names_the_repo_when_the_hub_lacks_the_file(fake_hub, tmp_path):
+    with pytest.raises(ValueError) as info:
+        CuttlefishConfig.from_pretrained("me/empty", revision="v2", cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert f"No {CONFIG_NAME} for 'me/empty'" in message and "Hub repo 'me/empty' (revision 'v2')" in message
+    assert "Entry Not Found" in message  # the Hub's own reason
+    with pytest.raises(ValueError, match=f"No {CONFIG_NAME} in {tmp_path}"):
+        CuttlefishConfig.from_pretrained(tmp_path, subfolder="")  # an existing folder without it: local error
+
+
+def test_from_pretrained_offline_and_invalid_ids(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
+                                      "has been disabled.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ValueError, match=r"No cuttlefish_config.json for 'me/cfg': not a local folder, and the Hub "
+                                         r"repo 'me/cfg' \(revision 'main'\) could not provide it: .*disk cache"):
+        CuttlefishConfig.from_pretrained("me/cfg")
+    monkeypatch.undo()  # the real hf_hub_download refuses a malformed id before any network call
+    missing = str(tmp_path / "no" / "such" / "folder")
+    with pytest.raises(ValueError, match=rf"No cuttlefish_config.json for '{missing}': not a local folder"):
+        CuttlefishConfig.from_pretrained(missing)

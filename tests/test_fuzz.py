@@ -119,7 +119,7 @@ VALID = {
     "extra_bn": lambda r: r.choice([None, True, False]),
     "rewarmup_steps": lambda r: r.choice([0, 1, 3, 10**7]),
     "power_iterations": lambda r: r.choice([1, 4, 1000]),
-    "seed": lambda r: r.choice([0, 1, 2**64 - 1]),
+    "power_iteration_seed": lambda r: r.choice([0, 1, 2**64 - 1]),
 }
 FIELD_NAMES = [f.name for f in fields(CuttlefishConfig)]
 

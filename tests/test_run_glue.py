@@ -7,6 +7,9 @@ import dataclasses
 import importlib.util
 import json
 import random
+import re
+import shlex
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -148,16 +151,18 @@ def test_validation_labels_unseen_in_training_are_refused(tmp_path):
 def test_json_file_gives_the_same_config_as_flags(tmp_path, data_dir):
     command_line = ["--model_name_or_path", "unused", "--train_file", str(data_dir / "train.csv"),
                     "--output_dir", str(tmp_path), "--cuttlefish", "--target_modules", '["query", "value"]',
-                    "--rank_pattern", '{"value": 4}', "--skip_first_blocks", "1", "--cuttlefish_seed", "3",
-                    "--extra_bn", "false"]
-    from_flags = run_glue.parse_arguments(command_line)[-1]
+                    "--rank_pattern", '{"value": 4}', "--skip_first_blocks", "1", "--power_iteration_seed", "3",
+                    "--extra_bn", "false", "--seed", "11"]
+    training_args, from_flags = run_glue.parse_arguments(command_line)[-2:]
+    assert training_args.seed == 11  # Trainer's --seed, apart from the config's power_iteration_seed
     (tmp_path / "args.json").write_text(json.dumps({
         "model_name_or_path": "unused", "train_file": str(data_dir / "train.csv"), "output_dir": str(tmp_path),
         "cuttlefish": True, "target_modules": ["query", "value"], "rank_pattern": {"value": 4},
-        "skip_first_blocks": 1, "cuttlefish_seed": 3, "extra_bn": False}))
+        "skip_first_blocks": 1, "power_iteration_seed": 3, "extra_bn": False, "seed": 11}))
     from_file = run_glue.parse_arguments([str(tmp_path / "args.json")])[-1]
     assert from_flags == from_file == CuttlefishConfig(target_modules=["query", "value"], rank_pattern={"value": 4},
-                                                       skip_first_blocks=1, seed=3, extra_bn=False)
+                                                       skip_first_blocks=1, power_iteration_seed=3,
+                                                       extra_bn=False)
     assert run_glue.parse_arguments(command_line[:6])[-1] is None  # without --cuttlefish: a vanilla run
 
 
@@ -197,9 +202,10 @@ def test_help_lists_every_cuttlefish_flag(capsys):
         run_glue.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ("cuttlefish", *(run_glue._flag_name(f.name) for f in dataclasses.fields(CuttlefishConfig))):
-        assert f"--{name} " in text
-    assert "--cuttlefish_seed" in text  # --seed is Trainer's
+    group = text[text.index("Cuttlefish (the fields of CuttlefishConfig):"):]
+    for f in dataclasses.fields(CuttlefishConfig):
+        assert f"--{f.name} " in group, f.name  # the field's own name, under the Cuttlefish heading
+    assert "--cuttlefish [CUTTLEFISH]" in text and text.count("\n  --seed SEED") == 1  # Trainer's
 
 
 def test_the_program_exits_with_status_2_on_a_bad_flag(data_dir, tmp_path):
@@ -222,3 +228,45 @@ def test_a_factorized_output_trains_on_with_cuttlefish_and_loads_as_its_card_say
     assert (folder / "modeling_cuttlefish.py").is_file() and "auto_map" in json.loads((folder / "config.json").read_text())
     remote = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
     assert factorized_plan(remote) == summary["plan"]
+
+
+# -- the README's commands ----------------------------------------------------------------------------------------
+README = SCRIPT.parent / "README.md"
+
+
+def readme_commands(readme: Path, script: str, values: dict[str, str]) -> list[list[str]]:
+    """The arguments of each ``script`` command in the README's bash blocks; ``$NAME`` from ``values`` or from the
+    block's own ``NAME="..."`` lines."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), re.DOTALL):
+        variables = dict(values)
+        for line in block.replace("\\\n", " ").splitlines():
+            line = string.Template(line.strip()).safe_substitute(variables)
+            assignment = re.fullmatch(r"(\w+)=(.*)", line)
+            if assignment and assignment[1] not in variables:
+                variables[assignment[1]] = shlex.split(assignment[2])[0]
+            elif script in line:
+                words = shlex.split(line, comments=True)
+                commands.append(words[[w.endswith(script) for w in words].index(True) + 1:])
+    return commands
+
+
+def test_the_readme_commands_parse_to_the_configs_they_describe(data_dir, tmp_path):
+    commands = readme_commands(README, "run_glue.py", {"MODEL": str(tmp_path / "model"), "DATA": str(data_dir)})
+    configs = [run_glue.parse_arguments(command)[-1] for command in commands]
+    assert configs == [None, CuttlefishConfig(measure_every_steps=100), None, CuttlefishConfig(measure_every_steps=25)]
+
+
+def test_the_readme_flag_examples_parse(data_dir, tmp_path):
+    text = README.read_text()
+    base = ["--model_name_or_path", "unused", "--train_file", str(data_dir / "train.csv"), "--output_dir",
+            str(tmp_path), "--cuttlefish"]
+    examples = re.findall(r"`(--(\w+) '([^`]*)')`", text)
+    assert {name for _, name, _ in examples} == {"target_modules", "rank_pattern", "activation_fractions"}
+    for example, name, value in examples:
+        config = run_glue.parse_arguments([*base, *shlex.split(example)])[-1]
+        assert getattr(config, name) == (json.loads(value) if value[0] in "[{" else value), example  # else a regex
+    mrpc = re.search(r"MRPC .*?: `(--task_name mrpc [^`]*)`", text, re.DOTALL)[1]
+    config = run_glue.parse_arguments(["--model_name_or_path", "unused", "--output_dir", str(tmp_path),
+                                       *shlex.split(mrpc)])[-1]
+    assert config == CuttlefishConfig(measure_every_steps=20)

@@ -413,3 +413,9 @@ def test_tied_lm_decoder_is_never_a_target() -> None:
     assert find_targets(model, ["decoder", "query"], exclude_modules=["decoder"]) == _per_block(
         "bert.encoder.layer", 2, ["attention.self.query"]
     )
+
+
+def test_describe_targets_shows_its_table_in_a_repl_and_when_printed():
+    report = describe_targets(build("bert"))
+    assert repr(report) == str(report) and repr(report).startswith("module ")
+    assert f"{len(report.matched)} of {len(report.layers)} Linear/Conv2d layers targeted" in repr(report)

@@ -231,3 +231,50 @@ def test_step_times_before_and_after_the_switch():
     report = controller.report
     assert times["targeted_flop_ideal_speedup"] == report.target_params_before / report.target_params_after
     assert controller.summary()["step_speedup"] == times["step_speedup"]
+
+
+def test_plain_callback_logs_the_measurements_cuttlefish_trainer_logs(tmp_path, capsys):
+    from transformers import TrainerCallback
+
+    class Integration(TrainerCallback):
+        """Records what a ``report_to`` integration receives; Trainer places those before the user's callbacks."""
+
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append({**logs, "step": state.global_step})
+
+    def measurements(entries) -> list[dict]:
+        return [{key: value for key, value in entry.items() if key.startswith("cuttlefish/") or key == "step"}
+                for entry in entries if any(key.startswith("cuttlefish/") for key in entry)]
+
+    runs = {}
+    for name in ("callback", "trainer"):
+        integration, config = Integration(), CuttlefishConfig(**FAST)
+        args = training_args(tmp_path / name, num_train_epochs=2)
+        if name == "callback":
+            trainer = Trainer(model=tiny_bert(), args=args, train_dataset=KeywordDataset(),
+                              callbacks=[integration, CuttlefishCallback(config)])
+        else:
+            trainer = CuttlefishTrainer(model=tiny_bert(), args=args, train_dataset=KeywordDataset(),
+                                        cuttlefish_config=config, callbacks=[integration])
+        capsys.readouterr()
+        trainer.train()
+        runs[name] = {"history": measurements(trainer.state.log_history), "integration": measurements(integration.logs),
+                      "console": capsys.readouterr().out, "losses": step_losses(trainer)}
+
+    callback, cuttlefish_trainer = runs["callback"], runs["trainer"]
+    summary = {"cuttlefish/stable_rank_fraction", "cuttlefish/unstable_layers", "step"}
+    assert callback["history"] and all(set(entry) == summary for entry in callback["history"])
+    layer = "cuttlefish/stable_rank/bert.encoder.layer.0.attention.self.query"
+    per_layer_steps = [entry["step"] for entry in callback["integration"] if layer in entry]
+    assert per_layer_steps == [entry["step"] for entry in callback["history"]]  # a curve point per measurement
+    for key in ("history", "integration"):  # the same entries at the same steps, with the same values
+        assert len(callback[key]) == len(cuttlefish_trainer[key])
+        for ours, theirs in zip(callback[key], cuttlefish_trainer[key]):
+            assert ours == pytest.approx(theirs)
+    assert callback["losses"] == pytest.approx(cuttlefish_trainer["losses"])  # one loss per logging step, still
+    assert list(callback["losses"]) == list(range(1, 17))
+    for run in runs.values():  # the console printer shows the summary, not one line per layer
+        assert "cuttlefish/stable_rank_fraction" in run["console"] and "cuttlefish/stable_rank/" not in run["console"]

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import pickle
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -131,8 +133,6 @@ def test_data_readers(image_folder, idx_folder, cifar_folder, tmp_path):
     images, labels = train.read_cifar10(cifar_folder, "train")
     assert images.shape == (30, 32, 32, 3) and labels.tolist()[:2] == [0, 0]
     assert images[0, :10, :, 0].mean() > images[0, 20:, :, 0].mean()  # the band of class 0 is at the top
-    assert train.parse_overrides(["window=3", "extra_bn=true", "skip_first_blocks=auto"]) == \
-        {"window": 3, "extra_bn": True, "skip_first_blocks": "auto"}
 
 
 def test_cifar_batch_that_runs_code_is_refused(tmp_path):
@@ -224,6 +224,60 @@ def test_eval_folders_missing_a_class_keep_the_training_ids(tmp_path):
     assert num_classes == 3 and [label for _, label in eval_loader.dataset] == [2, 2]  # dog is class 2, not 0
 
 
+# -- flags ------------------------------------------------------------------------------------------------------
+def test_cuttlefish_flags_are_the_config_fields_parsed_by_hf_argument_parser():
+    from transformers import HfArgumentParser
+
+    flags = ["--mode", "pufferfish", "--window", "3", "--measure-every-steps", "5", "--extra_bn", "false",
+             "--frobenius_decay", "0", "--skip_first_blocks", "auto", "--target_modules", '["qkv", "fc1"]',
+             "--rank_pattern", '{"mlp.fc1": 32}', "--power_iteration_seed", "4"]
+    args, config = train.parse_arguments(["--data-dir", "data", "--seed", "9", "--crop-scale", "0.5", "1", *flags])
+    expected = CuttlefishConfig(mode="pufferfish", window=3, measure_every_steps=5, extra_bn=False, frobenius_decay=0.0,
+                                skip_first_blocks="auto", target_modules=["qkv", "fc1"], rank_pattern={"mlp.fc1": 32},
+                                power_iteration_seed=4)
+    assert config == expected
+    assert HfArgumentParser(CuttlefishConfig).parse_args_into_dataclasses(flags) == (expected,)  # as run_glue reads
+    assert (args.data_dir, args.seed, args.crop_scale) == ("data", 9, [0.5, 1.0])  # the script's own flags
+    assert not hasattr(args, "mode") and not hasattr(args, "window")
+    assert train.parse_arguments(["--data-dir", "data"])[1] == CuttlefishConfig()  # on by default
+    assert train.parse_arguments(["--data-dir", "data", "--no_cuttlefish"])[1] is None
+    assert train.parse_arguments(["--data-dir", "data", "--cuttlefish", "false"])[1] is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mode", "vanilla"], "mode='vanilla' is not valid; choose one of"),
+    (["--rank_pattern", '{"mlp.fc1": 0}'], "rank_pattern['mlp.fc1'] must be a positive int rank"),
+    (["--skip_first_blocks", "first"], "skip_first_blocks must be an integer >= 0, 'auto'"),
+    (["--window", "0"], "window must be an integer >= 1"),
+    (["--cuttlefish", "window=3"], "--cuttlefish: Truthy value expected"),  # the old KEY=VALUE syntax
+    (["--no_such_flag", "1"], "--no_such_flag"),
+])
+def test_bad_cuttlefish_flags_exit_with_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-dir", "no-data", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: " in error and message in error
+
+
+def readme_commands(readme: Path, script: str) -> list[list[str]]:
+    """The arguments of each ``script`` command in the README's bash blocks."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if script in line:
+                words = shlex.split(line, comments=True)
+                commands.append(words[[w.endswith(script) for w in words].index(True) + 1:])
+    return commands
+
+
+def test_the_readme_commands_parse_to_the_configs_they_describe():
+    commands = readme_commands(EXAMPLE.parent / "README.md", "train.py")
+    configs = [train.parse_arguments(command)[1] for command in commands]
+    assert configs == [CuttlefishConfig()] * 5 + [None, CuttlefishConfig(
+        measure_every_steps=50, rank_rule="energy", energy_threshold=0.95, exclude_modules=["blocks.0.attn.qkv"])]
+
+
 # -- example runs ---------------------------------------------------------------------------------------------
 def run_example(data_dir: Path, output_dir: Path, *flags: str):
     return train.main(["--cpu", "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--num-workers", "0",
@@ -252,7 +306,7 @@ def check_switched_and_kept_training(results: dict, output_dir: Path, switch_ste
 def test_timm_deit_cuttlefish_switches_and_keeps_training(image_folder, tmp_path):
     out = tmp_path / "out"
     model, results = run_example(image_folder, out, *TINY_DEIT, "--mode", "cuttlefish", "--mixup", "0.2",
-                                 "--cutmix", "0.5", "--cuttlefish", "rank_rule=stable_rank")
+                                 "--cutmix", "0.5", "--rank_rule", "stable_rank")
     check_switched_and_kept_training(results, out)
     assert results["switch_epoch"] == 2  # max_warmup_fraction=0.5 of 4 epochs, measured once per epoch
     assert (out / "stable_ranks.png").stat().st_size > 0
@@ -266,8 +320,8 @@ def test_hf_deit_cuttlefish_switches_and_keeps_training(image_folder, tmp_path):
     from transformers import AutoModelForImageClassification, DeiTForImageClassification
 
     out = tmp_path / "out"
-    model, results = run_example(image_folder, out, *TINY_HF_DEIT, "--mode", "cuttlefish", "--cuttlefish",
-                                 "measure_every_steps=2", "rank_rule=energy", "energy_threshold=0.5")
+    model, results = run_example(image_folder, out, *TINY_HF_DEIT, "--mode", "cuttlefish",
+                                 "--measure_every_steps", "2", "--rank-rule", "energy", "--energy_threshold", "0.5")
     assert isinstance(model, DeiTForImageClassification)
     check_switched_and_kept_training(results, out)
     assert results["switch_step"] % 2 == 0  # measured every 2 steps
@@ -297,8 +351,9 @@ def test_resnet18_cifar_stem_pufferfish_with_extra_bn(idx_folder, tmp_path):
 @pytest.mark.parametrize("mode", ["si_fd", "vanilla"])
 def test_si_fd_and_vanilla_on_cifar_batches(cifar_folder, tmp_path, mode):
     out = tmp_path / "out"
-    model, results = run_example(cifar_folder, out, *TINY_DEIT, "--mode", mode, "--epochs", "2",
-                                 "--batch-size", "6")
+    method = ["--no_cuttlefish"] if mode == "vanilla" else ["--mode", mode]
+    model, results = run_example(cifar_folder, out, *TINY_DEIT, *method, "--epochs", "2", "--batch-size", "6")
+    assert results["mode"] == mode
     assert all(math.isfinite(epoch["train_loss"]) for epoch in results["epochs"]) and results["steps"] == 10
     if mode == "si_fd":
         assert results["switch_step"] == 0 and results["steps_after_switch"] == results["steps"]
@@ -401,7 +456,7 @@ def test_two_cpu_processes_switch_with_identical_plans(image_folder, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), str(EXAMPLE), "--cpu", "--data-dir", str(image_folder), "--output-dir", str(out),
                "--num-workers", "0", "--batch-size", "4", "--epochs", "4", *TINY_DEIT, "--mode", "cuttlefish",
-               "--cuttlefish", "rank_rule=stable_rank"]
+               "--rank_rule", "stable_rank"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

@@ -10,27 +10,64 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import hub
 from ..config import CuttlefishConfig
 from ..controller import Cuttlefish, SwitchResult
 from ..layers import FactorizedLayer
+from ..logging_utils import get_logger
 from ..serialization import factorize_for_state_dict_
 from ..surgery import factorized_plan, unwrap_compiled
 
 __all__ = ["CuttlefishCallback", "CuttlefishTrainer"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATISTICS_NAME = "cuttlefish_statistics-rank{rank}.pt"
+
+
+def _log_measurement(trainer: Trainer, controller: Cuttlefish) -> None:
+    """Log a measurement: two summary scalars everywhere, per-layer curves only to ``report_to`` integrations.
+
+    The per-layer values (one ``cuttlefish/stable_rank/<layer>`` scalar each) skip the console printers so a
+    72-layer model does not flood the terminal, and stay out of ``state.log_history``.
+    """
+    tracker = controller.tracker
+    latest = {name: values[-1] for name, values in tracker.history.items()}
+    fraction = sum(value / tracker.full_ranks[name] for name, value in latest.items()) / len(latest)
+    due = trainer.control.should_log  # Trainer.log clears it: keep the loss log this step may owe
+    # Trainer's own log, not an override: subclasses such as TRL's flush the metrics they accumulate there.
+    Trainer.log(trainer, {"cuttlefish/stable_rank_fraction": fraction,
+                          "cuttlefish/unstable_layers": len(tracker.unstable_layers())})
+    trainer.control.should_log = due
+    per_layer = {f"cuttlefish/stable_rank/{name}": value for name, value in latest.items()}
+    for callback in trainer.callback_handler.callbacks:
+        if not isinstance(callback, (ProgressCallback, PrinterCallback)):
+            callback.on_log(trainer.args, trainer.state, trainer.control, logs=per_layer)
+
+
+def _calling_trainer(callback: TrainerCallback) -> Trainer | None:
+    """The ``Trainer`` whose loop is running ``callback``'s event, found up the call stack.
+
+    Events carry no reference to the Trainer, and a callback cannot log without it: ``report_to`` integrations
+    sit before the user's callbacks, so values added to ``on_log``'s ``logs`` would reach them too late.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        handler = getattr(candidate, "callback_handler", None)
+        if isinstance(candidate, Trainer) and handler and any(cb is callback for cb in handler.callbacks):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 class CuttlefishCallback(TrainerCallback, ExportableState):
@@ -46,6 +83,7 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self.saved_controller_state = saved_controller_state
         self.controller: Cuttlefish | None = None
         self.trainer: CuttlefishTrainer | None = None  # set by CuttlefishTrainer
+        self._logging_trainer: Trainer | None = None  # the Trainer running this callback, plain or not
         self._args = None
         self._hooked_models: set[int] = set()
         self.resume_folder: str | None = None  # set by CuttlefishTrainer when it resumes from a checkpoint
@@ -130,6 +168,7 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
                        train_dataloader=None, **kwargs):
         self._args = args
         self._check_setup(args)
+        self._logging_trainer = self.trainer or _calling_trainer(self)
         steps_per_epoch = None
         if train_dataloader is not None and state.num_train_epochs:
             steps_per_epoch = max(1, round(state.max_steps / state.num_train_epochs))
@@ -176,8 +215,8 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
         self._after_measurement(measured)
 
     def _after_measurement(self, measured_before: int) -> None:
-        if self.trainer is not None and len(self.controller.measured_steps) > measured_before:
-            self.trainer.cuttlefish_measured(self.controller)
+        if self._logging_trainer is not None and len(self.controller.measured_steps) > measured_before:
+            _log_measurement(self._logging_trainer, self.controller)
 
     def _after_switch(self, result: SwitchResult | None) -> None:
         if result is None:
@@ -220,24 +259,6 @@ class CuttlefishTrainer(Trainer):
             ddp_kwargs["device_ids"] = [self.args.local_rank]
         self._cuttlefish_wrapped = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
         self.model_wrapped = self._cuttlefish_wrapped
-
-    def cuttlefish_measured(self, controller: Cuttlefish) -> None:
-        """Log a measurement: two summary scalars everywhere, per-layer curves only to ``report_to`` integrations.
-
-        The per-layer values (one ``cuttlefish/stable_rank/<layer>`` scalar each) skip the console printers so a
-        72-layer model does not flood the terminal, and stay out of ``state.log_history``.
-        """
-        tracker = controller.tracker
-        latest = {name: values[-1] for name, values in tracker.history.items()}
-        fraction = sum(value / tracker.full_ranks[name] for name, value in latest.items()) / len(latest)
-        due = self.control.should_log  # Trainer.log clears it: keep the loss log this step may owe
-        self.log({"cuttlefish/stable_rank_fraction": fraction,
-                  "cuttlefish/unstable_layers": len(tracker.unstable_layers())})
-        self.control.should_log = due
-        per_layer = {f"cuttlefish/stable_rank/{name}": value for name, value in latest.items()}
-        for callback in self.callback_handler.callbacks:
-            if not isinstance(callback, (ProgressCallback, PrinterCallback)):
-                callback.on_log(self.args, self.state, self.control, logs=per_layer)
 
     def create_model_card(self, **kwargs):
         """Trainer's card plus the Cuttlefish section: factorization table, totals, how it was trained."""

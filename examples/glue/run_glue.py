@@ -16,20 +16,18 @@ Offline, with any local model folder and CSV/JSON files (columns: one or two tex
         --validation_file validation.csv --do_train --do_eval --output_dir outputs/local --cuttlefish
 
 Every flag can also come from a JSON file: ``python examples/glue/run_glue.py args.json``. ``--help`` lists them;
-the Cuttlefish flags are the fields of ``CuttlefishConfig`` (``seed`` is ``--cuttlefish_seed``, since ``--seed``
-belongs to Trainer). The output directory gets the model (reload it with ``import cuttlefish_hf`` and
-``AutoModelForSequenceClassification.from_pretrained``), ``eval_results.json`` with the Cuttlefish summary,
-``stable_ranks.png`` and, with ``--report_to tensorboard``, TensorBoard logs.
+the Cuttlefish flags are the fields of ``CuttlefishConfig``, read by ``HfArgumentParser`` (lists and dicts as JSON:
+``--rank_pattern '{"output.dense": 64}'``). The output directory gets the model (reload it with
+``import cuttlefish_hf`` and ``AutoModelForSequenceClassification.from_pretrained``), ``eval_results.json`` with the
+Cuttlefish summary, ``stable_ranks.png`` and, with ``--report_to tensorboard``, TensorBoard logs.
 """
 
-import dataclasses
-import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import datasets
 import evaluate
@@ -119,72 +117,31 @@ class DataTrainingArguments:
             raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
 
 
-# -- Cuttlefish flags: generated from CuttlefishConfig, so names, defaults and help have one source ---------------
-TRAINER_FLAGS = {f.name for f in dataclasses.fields(TrainingArguments)}
-PLAIN_TYPES = (str, int, float, bool, str | None, int | None, float | None, bool | None)
-CONFIG_TYPES = get_type_hints(CuttlefishConfig)
-JSON_FIELDS = {name for name, hint in CONFIG_TYPES.items() if hint not in PLAIN_TYPES}  # lists, dicts, int | str
-JSON_HINT = (" Read as JSON when it parses (a number, a list such as '[\"query\", \"value\"]', a dict such as "
-             "'{\"output.dense\": 64}'), else as text.")
+@dataclass
+class CuttlefishSwitch:
+    """Whether to train with Cuttlefish; its settings are the fields of ``CuttlefishConfig`` (``--window 3``)."""
 
-
-def _flag_name(config_field: str) -> str:
-    return f"cuttlefish_{config_field}" if config_field in TRAINER_FLAGS else config_field
-
-
-def _cuttlefish_flag(config_field: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
-    """One ``HfArgumentParser`` field for a ``CuttlefishConfig`` field, with its default and help."""
-    hint, help_text = CONFIG_TYPES[config_field.name], config_field.metadata["help"]
-    default = config_field.default_factory() if config_field.default is dataclasses.MISSING else config_field.default
-    if config_field.name in JSON_FIELDS:
-        hint, help_text = str | None, help_text + JSON_HINT
-        default = default if default is None or isinstance(default, str) else json.dumps(default)
-    return _flag_name(config_field.name), hint, field(default=default, metadata={"help": help_text})
-
-
-CuttlefishArguments = make_dataclass(
-    "CuttlefishArguments",
-    [("cuttlefish", bool, field(default=False, metadata={"help": (
-        "Train with Cuttlefish: full rank until the stable ranks settle, then low rank. The flags below "
-        "configure it.")})),
-     *(_cuttlefish_flag(f) for f in dataclasses.fields(CuttlefishConfig))],
-    namespace={"_argument_group_name": "Cuttlefish (the fields of CuttlefishConfig)"},
-)
-
-
-def _from_flag(name: str, value: Any) -> Any:
-    """A flag's value for ``CuttlefishConfig``: JSON text decoded for the fields that take lists, dicts or both
-    numbers and text; a regex such as "[qk]ey" or "auto" that is not JSON stays text."""
-    if name not in JSON_FIELDS or not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def cuttlefish_config_from(args: Any) -> CuttlefishConfig:
-    """The ``CuttlefishConfig`` the flags describe; raises ``ValueError`` naming the bad field."""
-    return CuttlefishConfig(**{f.name: _from_flag(f.name, getattr(args, _flag_name(f.name)))
-                               for f in dataclasses.fields(CuttlefishConfig)})
+    cuttlefish: bool = field(default=False, metadata={"help": (
+        "Train with Cuttlefish: full rank until the stable ranks settle, then low rank. The flags under 'Cuttlefish' "
+        "configure it.")})
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments,
                                                             TrainingArguments, CuttlefishConfig | None]:
     """Flags (or one JSON file) -> arguments; every mistake exits with an argparse error before a model loads."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CuttlefishArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CuttlefishSwitch, CuttlefishConfig,
+                               TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            model_args, data_args, cuttlefish_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+            model_args, data_args, switch, config, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
         else:
-            model_args, data_args, cuttlefish_args, training_args = parser.parse_args_into_dataclasses(argv)
-        config = cuttlefish_config_from(cuttlefish_args)
+            model_args, data_args, switch, config, training_args = parser.parse_args_into_dataclasses(argv)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     if training_args.do_eval and data_args.task_name is None and data_args.validation_file is None:
         parser.error("--do_eval needs --validation_file (or a GLUE --task_name).")
-    if not cuttlefish_args.cuttlefish:
+    if not switch.cuttlefish:
         if config != CuttlefishConfig():
             logger.warning("Cuttlefish flags were given without --cuttlefish: this run trains without Cuttlefish.")
         return model_args, data_args, training_args, None
@@ -309,12 +266,12 @@ def cuttlefish_outputs(trainer: Trainer) -> dict[str, Any]:
     if not isinstance(trainer, CuttlefishTrainer) or trainer.cuttlefish.controller is None:
         return {}
     controller = trainer.cuttlefish.controller
-    if trainer.is_world_process_zero() and controller.measured_steps:
+    if trainer.is_world_process_zero():  # with no measurement (e.g. mode='si_fd') the figure says so
         os.makedirs(trainer.args.output_dir, exist_ok=True)
         path = plot_stable_ranks(controller.tracker.history, controller.measured_steps,
                                  os.path.join(trainer.args.output_dir, "stable_ranks.png"),
                                  switch_step=controller.switch_step, full_ranks=controller.full_ranks)
-        logger.info("Stable-rank curves written to %s", path)
+        logger.info("Stable-rank heatmap and curves written to %s", path)
     return {"cuttlefish": controller.summary()}
 
 

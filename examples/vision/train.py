@@ -1,8 +1,8 @@
 """Image classification with Cuttlefish low-rank training, on Accelerate: timm / HF DeiT and ViT, timm ResNet-18.
 
-The same script trains the dense model (``--mode vanilla``) or one of the low-rank methods of ``cuttlefish_hf``
-(``cuttlefish``, ``pufferfish``, ``si_fd``); the loop calls the library's framework-neutral controller after each
-optimizer step and each epoch, and re-wraps the model for DDP when it switches to low rank.
+The same script trains one of the low-rank methods of ``cuttlefish_hf`` (``--mode cuttlefish``, ``pufferfish`` or
+``si_fd``) or, with ``--no_cuttlefish``, the dense model; the loop calls the library's framework-neutral controller
+after each optimizer step and each epoch, and re-wraps the model for DDP when it switches to low rank.
 
 Data: an ImageNet-layout folder (``train/`` and ``val/``, one sub-folder per class), the four Fashion-MNIST (or
 MNIST) IDX files, or CIFAR-10's python batches; the kind is detected from the folder.
@@ -27,8 +27,9 @@ with mixed precision:
 Other models: ``--model hf-deit`` / ``--model hf-vit`` (a transformers model built from the size flags), a
 transformers ``config.json`` or a saved transformers folder, ``--model resnet18 --cifar-stem`` (3x3 stride-1
 first conv, no max-pool; registered with timm as ``resnet18_cifar``), or any timm model name. Every
-``CuttlefishConfig`` field can be set with ``--cuttlefish KEY=VALUE ...`` (e.g. ``--cuttlefish window=3
-rank_rule=energy``). On a shared CPU machine set ``OMP_NUM_THREADS=1`` per process.
+``CuttlefishConfig`` field is a flag of its own, read by ``HfArgumentParser`` as in ``examples/glue/run_glue.py``
+(e.g. ``--window 3 --rank_rule energy --rank_pattern '{"mlp.fc1": 32}'``). On a shared CPU machine set
+``OMP_NUM_THREADS=1`` per process.
 
 Writes ``results.json`` (per-epoch metrics, parameter counts, switch point, timings, machine), ``stable_ranks.png``
 and the final model (``model/``: reload timm models with ``cuttlefish_hf.hub.load_timm``, transformers models with
@@ -46,6 +47,7 @@ import os
 import pickle
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +66,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 import cuttlefish_hf
 from cuttlefish_hf import Cuttlefish, CuttlefishConfig, find_targets, hub
+from cuttlefish_hf import logging_utils as cuttlefish_logging
 from cuttlefish_hf.plotting import plot_stable_ranks
 from cuttlefish_hf.surgery import count_parameters
 
 logger = get_logger(__name__)
-
-MODES = ("vanilla", "cuttlefish", "pufferfish", "si_fd")
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -338,20 +339,6 @@ def logits_of(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 # -- Cuttlefish -----------------------------------------------------------------------------------------------
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["window=3", "extra_bn=true"]`` -> ``{"window": 3, "extra_bn": True}`` (values read as JSON if they can)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--cuttlefish takes KEY=VALUE pairs, got {pair!r}.")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 def rewrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """After the switch: a new DDP wrapper (the old one's reducer knows only the replaced weights)."""
     return accelerator.prepare_model(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
@@ -398,8 +385,9 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
     return 100.0 * correct / max(total, 1)
 
 
-def training_function(args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """Train, evaluate each epoch, write results/plot/model; returns the trained (unwrapped) model and results."""
+def training_function(args: argparse.Namespace, config: CuttlefishConfig | None) -> tuple[nn.Module, dict]:
+    """Train (dense when ``config`` is None), evaluate each epoch, write results/plot/model; returns the trained
+    (unwrapped) model and results."""
     start = time.perf_counter()
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     set_seed(args.seed)
@@ -422,8 +410,7 @@ def training_function(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     loss_fn = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=args.smoothing)
 
     controller = None
-    if args.mode != "vanilla":
-        config = CuttlefishConfig(mode=args.mode, **parse_overrides(args.cuttlefish))
+    if config is not None:
         steps_per_epoch = len(train_loader)  # optimizer steps of this process
         controller = Cuttlefish(accelerator.unwrap_model(model), config, total_steps=args.epochs * steps_per_epoch,
                                 steps_per_epoch=steps_per_epoch)
@@ -473,7 +460,8 @@ def training_function(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     summary = controller.summary() if controller is not None else {}
     results = {
         "args": vars(args),
-        "mode": args.mode,
+        "config": None if config is None else config.to_dict(),
+        "mode": "vanilla" if config is None else config.mode,
         "epochs": history,
         "final_accuracy": history[-1]["eval_accuracy"] if history else None,
         "best_accuracy": max((h["eval_accuracy"] for h in history), default=None),
@@ -507,11 +495,11 @@ def training_function(args: argparse.Namespace) -> tuple[nn.Module, dict]:
 def write_outputs(args: argparse.Namespace, model: nn.Module, controller: Cuttlefish | None, results: dict) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if controller is not None and controller.measured_steps:
+    if controller is not None:  # with no measurement (e.g. --mode si_fd) the figure says so
         plot_stable_ranks(controller.tracker.history, controller.measured_steps, output_dir / "stable_ranks.png",
                           controller.switch_step, controller.full_ranks,
-                          title=f"{args.model} on {Path(args.data_dir).name}: stable rank ({args.mode})")
-    notes = {"mode": args.mode, "data": Path(args.data_dir).name, "epochs": args.epochs,
+                          title=f"{args.model} on {Path(args.data_dir).name}: stable rank ({results['mode']})")
+    notes = {"mode": results["mode"], "data": Path(args.data_dir).name, "epochs": args.epochs,
              "final accuracy %": f"{results['final_accuracy']:.2f}", "switch epoch": results["switch_epoch"]}
     hub.save_pretrained(model, output_dir / "model", training_notes=notes)
     with open(output_dir / "results.json", "w", encoding="utf-8") as handle:
@@ -521,15 +509,21 @@ def write_outputs(args: argparse.Namespace, model: nn.Module, controller: Cuttle
     logger.info("wrote %s", output_dir / "results.json")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+@dataclass
+class CuttlefishSwitch:
+    """Whether to train with Cuttlefish; its settings are the fields of ``CuttlefishConfig`` (``--mode``, ...)."""
+
+    cuttlefish: bool = field(default=True, metadata={"help": (
+        "Train with the method that --mode picks, configured by the flags under 'Cuttlefish'; --no_cuttlefish "
+        "trains the dense model.")})
+
+
+def get_parser() -> HfArgumentParser:
+    """The script's flags after the ``CuttlefishConfig`` fields (HfArgumentParser is an argparse parser)."""
+    parser = HfArgumentParser((CuttlefishSwitch, CuttlefishConfig), description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="ImageNet-layout folder, IDX files or CIFAR-10 batches")
     parser.add_argument("--dataset", default="auto", choices=("auto", *DATASETS), help="what --data-dir holds")
     parser.add_argument("--output-dir", default="outputs/vision", help="results.json, stable_ranks.png, model/")
-    parser.add_argument("--mode", default="cuttlefish", choices=MODES, help="vanilla: no factorization")
-    parser.add_argument("--cuttlefish", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="CuttlefishConfig fields, e.g. window=3 rank_rule=energy extra_bn=true")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="deit_tiny_patch16_224",
                        help="timm name, hf-deit, hf-vit, a transformers config.json or saved folder")
@@ -571,10 +565,26 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, CuttlefishConfig | None]:
+    """The script's flags and the ``CuttlefishConfig`` (None with ``--no_cuttlefish``); a bad value exits with an
+    argparse error."""
+    parser = get_parser()
+    try:
+        switch, config, args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # a config field out of range, or a flag no one takes
+        parser.error(str(error))
+    if switch.cuttlefish:
+        return args, config
+    if config != CuttlefishConfig():
+        logging.getLogger(__name__).warning("Cuttlefish flags were given with --no_cuttlefish: this run trains "
+                                            "the dense model.")
+    return args, None
+
+
 def main(argv: list[str] | None = None) -> tuple[nn.Module, dict]:
-    args = get_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return training_function(args)
+    cuttlefish_logging.set_verbosity_info()  # the switch summary (library loggers follow their own verbosity)
+    return training_function(*parse_arguments(argv))
 
 
 if __name__ == "__main__":
