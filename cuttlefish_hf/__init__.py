@@ -4,17 +4,21 @@ Example:
     >>> from cuttlefish_hf import CuttlefishConfig, factorize_, stable_rank
 """
 
-__version__ = "0.1.0"
-
-from . import hub  # registers the "cuttlefish" loader with transformers' auto classes
+from ._version import __version__ as __version__
 from .config import CuttlefishConfig
 from .controller import Cuttlefish, SwitchResult
+from .hub.registration import install as _install_hub
 from .layers import FactorizedConv2d, FactorizedLinear
 from .rank_rules import decide_ranks
 from .stable_rank import StableRankMeter, stable_rank, stable_ranks
 from .surgery import FactorizationReport, factorize_, factorized_plan, merge_
 from .targeting import describe_targets, find_targets
 from .tracker import StableRankTracker
+
+# The "cuttlefish" loader is registered with transformers now, or when transformers loads its quantizer registry,
+# and factorize_ / merge_ record the plan of transformers models; neither imports transformers here.
+# `cuttlefish_hf.hub.<name>` loads its module on first use.
+_install_hub()
 
 
 def __getattr__(name: str):

@@ -1,4 +1,9 @@
-"""``CuttlefishConfig``: every knob of the method in one validated dataclass, a flag for ``HfArgumentParser``."""
+"""``CuttlefishConfig``: every knob of the method in one validated dataclass, a flag for ``HfArgumentParser``.
+
+The leaf of the package (it imports only ``logging_utils``): the vocabulary every other module checks names
+against lives here. (Slightly over the house's ~400 lines: each field's help text, which ``--help`` prints, and
+its validation table entry are the bulk, and splitting them from the fields would separate a knob from its check.)
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,33 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
-from .activation_aware import LAYER_KINDS, PRETRAINED_DEFAULT_FRACTIONS
 from .logging_utils import get_logger
-from .profiling import DEFAULT_TOKENS_PER_BATCH
-from .rank_rules import RANK_RULES, XI_REFERENCES
 
-__all__ = ["CONFIG_RANK_RULES", "CuttlefishConfig", "MODES"]
+__all__ = ["CONFIG_INITS", "CONFIG_RANK_RULES", "CuttlefishConfig", "MODES"]
 
 logger = get_logger(__name__)
 
+# The vocabulary of the fields, here so that this module imports nothing of the library (a leaf): the
+# registries of rank_rules.py and inits.py hold exactly these names.
 MODES = ("cuttlefish", "pufferfish", "si_fd")
-# What `rank_rule` accepts: the spectrum rules of rank_rules.py, plus the activation-aware rule and "auto".
-CONFIG_RANK_RULES = ("auto", "activation_aware", *RANK_RULES)
+RANK_RULES = ("scaled_stable_rank", "stable_rank", "energy", "fixed_ratio", "kind_fractions")
+INITS = ("svd", "whitened")
+# What the fields accept: the registered names, "auto", and the name of 0.1's combined rule.
+LEGACY_RANK_RULES = {"activation_aware": ("kind_fractions", "whitened")}  # rank_rule -> (rank_rule, init)
+CONFIG_RANK_RULES = ("auto", *RANK_RULES, *LEGACY_RANK_RULES)
+CONFIG_INITS = ("auto", *INITS)
+XI_REFERENCES = ("auto", "init", "random_matrix")
+LAYER_KINDS = ("attention", "ffn", "other")
+# The measured default for fine-tuning pretrained transformers (benchmarks/pretrained_rank_rules.py): whitened
+# init, FFN matrices keep 70% of their parameters and attention matrices 40% (60% overall with a 4x FFN).
+DEFAULT_KIND_FRACTIONS = {"attention": 0.4, "ffn": 0.7}
+OTHER_KIND_FRACTION = 0.6  # layers of no known kind, unless kind_fractions names "other"
+DEFAULT_TOKENS_PER_BATCH = 4096
 PROFILE_DTYPES = (None, "float32", "float16", "bfloat16")
 CONFIG_NAME = "cuttlefish_config.json"
-# Keys of files written by older versions: `seed` clashed with TrainingArguments' --seed in one HfArgumentParser.
-RENAMED_KEYS = {"seed": "power_iteration_seed"}
+# Keys of files written by older versions: `seed` clashed with TrainingArguments' --seed in one HfArgumentParser;
+# `activation_fractions` became `kind_fractions` when the rule and the factor init were separated.
+RENAMED_KEYS = {"seed": "power_iteration_seed", "activation_fractions": "kind_fractions"}
 # Mode-dependent defaults for fields left as None: (frobenius_decay, extra_bn, skip_first_blocks).
 MODE_DEFAULTS = {
     "cuttlefish": (1e-4, False, 0),
@@ -99,6 +115,7 @@ _RANGES = {
     "activation_tokens": _Range(int, 1, 2**24, why="more only slows the input hooks; 16384 was no more accurate "
                                 "than 4096"),
     "min_rank": _Range(int, 1, 2**20, why="wider than any layer; ranks are clipped to the layer's full rank"),
+    "rank_multiple": _Range(int, 1, 1024, why="tensor-core tiles are at most 256 wide"),
     "measure_every_steps": _Range(int, 1, 10**7, also=(None,), meaning="or None to measure once per epoch",
                                   why="a longer period than any run would never measure, so never switch"),
     "window": _Range(int, 1, 1000, why="the reference uses 5 to 15 measurements"),
@@ -121,7 +138,7 @@ _RANGES = {
     "power_iteration_seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
 }
 # Fields taking one of a few values (str or None; compared by type too, so True is not 1 and "None" not None).
-_CHOICES = {"mode": MODES, "rank_rule": CONFIG_RANK_RULES, "xi_reference": XI_REFERENCES,
+_CHOICES = {"mode": MODES, "rank_rule": CONFIG_RANK_RULES, "init": CONFIG_INITS, "xi_reference": XI_REFERENCES,
             "profile_dtype": PROFILE_DTYPES}
 
 
@@ -152,11 +169,15 @@ class CuttlefishConfig:
         "Fixed ranks for some layers: {regex or name suffix: rank}, overriding the rank rule (as text, JSON: "
         "'{\"output.dense\": 64}'; None: none).")})
     rank_rule: str = field(default="auto", metadata={"help": (
-        "How ranks are chosen at the switch (cuttlefish mode). 'auto': 'activation_aware' when the targets look "
+        "How ranks are chosen at the switch (cuttlefish mode). 'auto': 'kind_fractions' when the targets look "
         "pretrained at train begin (fine-tuning), else 'scaled_stable_rank' (the paper's rule, for training from "
-        "scratch); the switch summary says which ran and why. 'activation_aware': each layer keeps "
-        "activation_fractions of its parameters, factors truncated in the metric of its recorded inputs "
-        f"(SVD-LLM-style whitening). Or one of {RANK_RULES}.")})
+        "scratch); the switch summary says which ran and why. 'kind_fractions': each layer keeps "
+        f"kind_fractions of its parameters. Or one of {RANK_RULES[:4]}. ('activation_aware', 0.1's name, means "
+        "'kind_fractions' with init='whitened'.)")})
+    init: str = field(default="auto", metadata={"help": (
+        "How the factors start: 'svd' (truncated SVD of the weight), 'whitened' (truncated in the metric of the "
+        "layer's inputs recorded before the switch, SVD-LLM-style; Linear layers, others take 'svd') or 'auto' "
+        "('whitened' when the targets look pretrained, else 'svd').")})
     xi_reference: str = field(default="auto", metadata={"help": (
         "Where scaled_stable_rank takes srank(W_0) from: 'init' (snapshot at train begin, for training from "
         "scratch), 'random_matrix' (a Gaussian matrix of the same shape, for pretrained weights) or 'auto' "
@@ -165,16 +186,20 @@ class CuttlefishConfig:
         "For rank_rule='energy': keep the smallest rank holding this fraction of sum(sigma^2).")})
     rank_ratio: float = field(default=0.25, metadata={"help": (
         "For rank_rule='fixed_ratio' and the pufferfish / si_fd modes: rank = ceil(ratio * full_rank).")})
-    activation_fractions: dict[str, float] | str | None = field(
-        default_factory=lambda: dict(PRETRAINED_DEFAULT_FRACTIONS), metadata={"help": (
-            "For rank_rule='activation_aware': the fraction of its parameters each layer keeps, by kind "
-            f"({', '.join(LAYER_KINDS)}; a kind not listed keeps 0.6). As text, JSON: "
+    kind_fractions: dict[str, float] | str | None = field(
+        default_factory=lambda: dict(DEFAULT_KIND_FRACTIONS), metadata={"help": (
+            "For rank_rule='kind_fractions': the fraction of its parameters each layer keeps, by kind "
+            f"({', '.join(LAYER_KINDS)}; a kind not listed keeps {OTHER_KIND_FRACTION}). As text, JSON: "
             "'{\"attention\": 0.5, \"ffn\": 0.8}'; None: the default.")})
     activation_tokens: int = field(default=4096, metadata={"help": (
-        "For rank_rule='activation_aware': input tokens per layer whose second moments are recorded after each "
+        "For init='whitened': input tokens per layer whose second moments are recorded after each "
         "measurement (those of the period before the switch are used). Recording costs about 1.5x the layers' "
         "forward pass per recorded batch; 16384 was no more accurate on the MiniLM benchmark.")})
     min_rank: int = field(default=1, metadata={"help": "Lower bound for every chosen rank."})
+    rank_multiple: int = field(default=1, metadata={"help": (
+        "Round each rule-chosen rank up to a multiple of this (8/16/64 suit GPU tensor cores in half precision; "
+        "measure with benchmarks/layer_speed.py), unless rounding up would make the layer save no parameters. "
+        "rank_pattern ranks are kept as given.")})
     measure_every_steps: int | None = field(default=None, metadata={"help": (
         "Measure stable ranks every N optimizer steps; None measures once per epoch.")})
     window: int = field(default=5, metadata={"help": (
@@ -227,10 +252,18 @@ class CuttlefishConfig:
                 raise ValueError(f"{name}={_show(getattr(self, name))} is not valid; choose one of {choices}.")
         for name, spec in _RANGES.items():
             self._check_range(name, spec)
+        if self.rank_rule in LEGACY_RANK_RULES:
+            rule, init = LEGACY_RANK_RULES[self.rank_rule]
+            self.rank_rule = rule
+            if self.init == "auto" and self.mode == "cuttlefish":  # the baselines ignore the rank rule
+                self.init = init
+        if self.mode == "si_fd" and self.init == "whitened":
+            raise ValueError("init='whitened' needs the layers' inputs recorded before the switch, but si_fd mode "
+                             "factorizes at step 0; use init='svd' (or 'auto').")
         if not (self.extra_bn is None or isinstance(self.extra_bn, bool)):
             raise ValueError(f"extra_bn must be True, False or None (the mode's default), got {_show(self.extra_bn)}"
                              " (a string such as 'false' would count as True).")
-        self._check_activation_fractions()
+        self._check_kind_fractions()
         for name in ("target_modules", "exclude_modules"):
             self._check_patterns(name, getattr(self, name))
         if not isinstance(self.rank_pattern, dict):
@@ -256,10 +289,9 @@ class CuttlefishConfig:
         self.rank_pattern = _json_from_text("rank_pattern", self.rank_pattern, '\'{"output.dense": 64}\'')
         if self.rank_pattern is None:
             self.rank_pattern = {}
-        self.activation_fractions = _json_from_text("activation_fractions", self.activation_fractions,
-                                                    '\'{"attention": 0.5, "ffn": 0.8}\'')
-        if self.activation_fractions is None:
-            self.activation_fractions = dict(PRETRAINED_DEFAULT_FRACTIONS)
+        self.kind_fractions = _json_from_text("kind_fractions", self.kind_fractions, '\'{"attention": 0.5, "ffn": 0.8}\'')
+        if self.kind_fractions is None:
+            self.kind_fractions = dict(DEFAULT_KIND_FRACTIONS)
         if isinstance(self.skip_first_blocks, str):
             if self.skip_first_blocks.lower() == "none":
                 self.skip_first_blocks = None
@@ -284,17 +316,23 @@ class CuttlefishConfig:
 
     @property
     def resolved_rank_rule(self) -> str:
+        """The rank rule, or 'auto' (decided per model at train begin)."""
         return self.rank_rule if self.mode == "cuttlefish" else "fixed_ratio"
 
+    @property
+    def resolved_init(self) -> str:
+        """The factor init, or 'auto' (decided per model at train begin; the baselines' is 'svd')."""
+        return self.init if self.mode == "cuttlefish" or self.init != "auto" else "svd"
+
     # -- validation helpers -----------------------------------------------------------------------------
-    def _check_activation_fractions(self) -> None:
-        fractions = self.activation_fractions
+    def _check_kind_fractions(self) -> None:
+        fractions = self.kind_fractions
         if not isinstance(fractions, dict) or not all(_is_one_of(kind, LAYER_KINDS) for kind in fractions):
-            raise ValueError(f"activation_fractions must be a dict with keys among {LAYER_KINDS}, e.g. "
-                             f"{PRETRAINED_DEFAULT_FRACTIONS}; got {_show(fractions)}.")
+            raise ValueError(f"kind_fractions must be a dict with keys among {LAYER_KINDS}, e.g. "
+                             f"{DEFAULT_KIND_FRACTIONS}; got {_show(fractions)}.")
         for kind, fraction in fractions.items():
             if not _is_real(fraction) or not 0 < fraction <= 1:
-                raise ValueError(f"activation_fractions[{kind!r}] must be a number in (0, 1], got {_show(fraction)}.")
+                raise ValueError(f"kind_fractions[{kind!r}] must be a number in (0, 1], got {_show(fraction)}.")
 
     def _check_range(self, name: str, spec: _Range) -> None:
         value = getattr(self, name)

@@ -18,7 +18,7 @@ from torch.nn.modules.utils import _pair
 from .stable_rank import check_finite
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "dense_shape", "full_rank",
-           "dense_matrix", "is_conv1d", "is_linear", "is_factorizable"]
+           "dense_matrix", "is_conv1d", "is_linear", "is_factorizable", "factorized_like"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -245,3 +245,46 @@ class FactorizedConv2d(FactorizedLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.first.kernel_size)}, "
                 f"stride={tuple(self.first.stride)}, rank={self.rank}")
+
+
+def factorized_like(module: nn.Module, rank: int, *, extra_bn: bool = False,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FactorizedLayer:
+    """A rank-``rank`` factorized layer shaped like ``module``, its factors not set from any weight.
+
+    ``module`` is a dense ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (or a factorized layer, whose
+    dense shape is used): the new layer has its shape, bias (a new one) and conv geometry, and the device and
+    dtype of its weight unless given. The factors are initialized as ``nn.Linear`` / ``nn.Conv2d`` initialize
+    themselves, for a caller that overwrites them (a checkpoint, an init rule) or only times the layer.
+    ``from_linear`` / ``from_conv`` give SVD factors instead.
+
+    Example:
+        >>> factorized_like(nn.Conv2d(4, 8, 3, padding=1), rank=2)
+        FactorizedConv2d(
+          4, 8, kernel_size=(3, 3), stride=(1, 1), rank=2
+          (first): Conv2d(4, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+          (middle): Identity()
+          (second): Conv2d(2, 8, kernel_size=(1, 1), stride=(1, 1))
+        )
+    """
+    factorized = isinstance(module, FactorizedLayer)
+    conv = module.first if factorized else module
+    if not (factorized or is_factorizable(module)):
+        raise ValueError(f"Only nn.Linear, transformers' Conv1D and nn.Conv2d can be factorized, got "
+                         f"{type(module).__name__}.")
+    weight = conv.weight
+    device = weight.device if device is None else device
+    dtype = weight.dtype if dtype is None else dtype
+    bias = (module.second if factorized else module).bias is not None
+    out_features, in_features = dense_shape(module)[:2]
+    if not isinstance(conv, nn.Conv2d):
+        layer = FactorizedLinear(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
+        layer.merges_to_conv1d = module.merges_to_conv1d if factorized else is_conv1d(module)
+        return layer
+    if conv.groups != 1:
+        raise ValueError(f"Cannot factorize a grouped Conv2d (groups={conv.groups}); exclude it with "
+                         "`exclude_modules`.")
+    if isinstance(conv.padding, str) and conv.padding == "same" and conv.stride != (1, 1):
+        raise ValueError("padding='same' requires stride 1.")
+    return FactorizedConv2d(in_features, out_features, conv.kernel_size, rank, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode,
+                            extra_bn=extra_bn, device=device, dtype=dtype)

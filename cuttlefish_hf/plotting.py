@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .activation_aware import layer_kind
+from .targeting import layer_kind
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

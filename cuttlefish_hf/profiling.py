@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape, is_factorizable
+from .layers import FactorizedLayer, dense_shape, factorized_like, is_factorizable
+from .tables import render_table
 
 __all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "profile_layers",
            "synthetic_input_shape"]
@@ -121,20 +122,16 @@ class ProfileReport:
         return [layer.name for layer in self.layers if layer.keep_dense]
 
     def __str__(self) -> str:
-        rows = [("layer", "shape", "input", "rank", "dense ms", "factorized ms", "speedup", "decision")]
-        for t in self.layers:
-            rows.append((t.name, "x".join(map(str, t.shape)), "x".join(map(str, t.input_shape)), str(t.rank),
-                         f"{t.dense_ms:.3f}", f"{t.factorized_ms:.3f}", f"{t.speedup:.2f}x",
-                         "keep dense" if t.keep_dense else "factorize"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) if i in (0, 7) else cell.rjust(w) for i, (cell, w) in
-                           enumerate(zip(row, widths))).rstrip() for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"forward+backward on {self.device} in {self.dtype}; a layer is factorized when it takes at most "
-                     f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g})")
-        lines.append(f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took "
-                     f"{self.seconds:.2f}s ({self.measured} timings measured, {self.cached} from the cache)")
-        return "\n".join(lines)
+        header = ("layer", "shape", "input", "rank", "dense ms", "factorized ms", "speedup", "decision")
+        rows = [(t.name, "x".join(map(str, t.shape)), "x".join(map(str, t.input_shape)), t.rank, f"{t.dense_ms:.3f}",
+                 f"{t.factorized_ms:.3f}", f"{t.speedup:.2f}x", "keep dense" if t.keep_dense else "factorize")
+                for t in self.layers]
+        return "\n".join([
+            render_table(header, rows, align="lrrrrrrl"),
+            (f"forward+backward on {self.device} in {self.dtype}; a layer is factorized when it takes at most "
+             f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g})"),
+            (f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took {self.seconds:.2f}s "
+             f"({self.measured} timings measured, {self.cached} from the cache)")])
 
 
 def synthetic_input_shape(module: nn.Module, tokens_per_batch: int) -> tuple[int, ...]:
@@ -171,17 +168,14 @@ def _signature(module: nn.Module) -> tuple:
 def _build(module: nn.Module, rank: int | None, extra_bn: bool, device: torch.device,
            dtype: torch.dtype) -> nn.Module:
     """A fresh dense (``rank=None``) or factorized layer shaped like ``module``, on ``device`` / ``dtype``."""
+    if rank is not None:
+        return factorized_like(module, rank, extra_bn=extra_bn, device=device, dtype=dtype)
     conv, bias = _geometry(module)
     out_features, in_features = dense_shape(module)[:2]
     if conv is None:
-        if rank is None:
-            return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        return FactorizedLinear(in_features, out_features, rank, bias=bias, device=device, dtype=dtype)
-    common = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=bias,
-                  padding_mode=conv.padding_mode, device=device, dtype=dtype)
-    if rank is None:
-        return nn.Conv2d(in_features, out_features, conv.kernel_size, **common)
-    return FactorizedConv2d(in_features, out_features, conv.kernel_size, rank, extra_bn=extra_bn, **common)
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    return nn.Conv2d(in_features, out_features, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode, device=device, dtype=dtype)
 
 
 def _median_seconds(layer: nn.Module, input_shape: Sequence[int], timer: Timer, repeats: int, warmup: int,

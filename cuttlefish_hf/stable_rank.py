@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["as_matrix", "check_finite", "stable_rank", "stable_ranks", "singular_values", "StableRankMeter"]
+__all__ = ["as_matrix", "check_finite", "spectrum_stable_rank", "stable_rank", "stable_ranks", "singular_values",
+           "StableRankMeter"]
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -77,14 +78,17 @@ def singular_values(weights: Sequence[torch.Tensor], *, normalized: bool = False
     return result
 
 
+def spectrum_stable_rank(values: torch.Tensor) -> float:
+    """``sum(s^2) / s_max^2`` from descending singular values (fp64; a zero matrix gives 0, not NaN).
+
+    The one exact stable-rank formula; :class:`StableRankMeter` estimates the same ratio by power iteration."""
+    squares = values.detach().double().square()
+    return float(squares.sum() / squares[0].clamp_min(1e-300))
+
+
 def stable_ranks(weights: Sequence[torch.Tensor]) -> list[float]:
-    """Exact stable ranks of many weights (one host transfer per shape group)."""
-    ranks: list[float] = []
-    for values in singular_values(weights, normalized=True):
-        # Clamp the square, not sigma: a clamped tiny sigma squares to 0 and a zero matrix would give 0/0 = NaN.
-        top_sq = values[0].square().clamp_min(torch.finfo(values.dtype).tiny)
-        ranks.append(float((values.square().sum() / top_sq).item()))
-    return ranks
+    """Exact stable ranks of many weights (one SVD batch per shape group)."""
+    return [spectrum_stable_rank(values) for values in singular_values(weights, normalized=True)]
 
 
 def stable_rank(weight: torch.Tensor) -> float:

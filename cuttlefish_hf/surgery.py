@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_shape, is_conv1d, is_factorizable
+from .inits import FactorInit, make_init
+from .layers import (FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_matrix, dense_shape, is_conv1d,
+                     is_factorizable)
 from .stable_rank import check_finite
 from .targeting import shared_weight_error, shared_weights
 
@@ -99,27 +101,34 @@ class FactorizationReport:
         return "\n".join(lines)
 
 
-def _factorized_from(module: nn.Module, rank: int, extra_bn: bool, init: str) -> FactorizedLayer:
-    """The factorized replacement of a dense layer: SVD factors (``init="svd"``) or uninitialized ones."""
+def _factorized_from(module: nn.Module, rank: int, extra_bn: bool,
+                     factors: tuple[torch.Tensor, torch.Tensor] | None) -> FactorizedLayer:
+    """The factorized replacement of a dense layer, holding ``factors`` (uninitialized when None) and sharing
+    the dense layer's bias Parameter."""
     weight = module.weight
     if isinstance(module, nn.Conv2d):
-        if init == "svd":
-            return FactorizedConv2d.from_conv(module, rank, extra_bn=extra_bn)
         if module.groups != 1:
-            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={module.groups}).")
-        return FactorizedConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
-                                stride=module.stride, padding=module.padding, dilation=module.dilation,
-                                bias=module.bias is not None, padding_mode=module.padding_mode, extra_bn=extra_bn,
-                                device=weight.device, dtype=weight.dtype)
-    if not is_factorizable(module):
+            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={module.groups}); exclude it with "
+                             "`exclude_modules`.")
+        layer = FactorizedConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
+                                 stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                 bias=module.bias is not None, padding_mode=module.padding_mode, extra_bn=extra_bn,
+                                 device=weight.device, dtype=weight.dtype)
+    elif is_factorizable(module):
+        out_features, in_features = dense_shape(module)
+        layer = FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None,
+                                 device=weight.device, dtype=weight.dtype)
+        layer.merges_to_conv1d = is_conv1d(module)
+    else:
         raise ValueError(f"Only nn.Linear, transformers' Conv1D and nn.Conv2d can be factorized, got "
                          f"{type(module).__name__}.")
-    if init == "svd":
-        return FactorizedLinear.from_linear(module, rank)
-    out_features, in_features = dense_shape(module)
-    layer = FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None, device=weight.device,
-                             dtype=weight.dtype)
-    layer.merges_to_conv1d = is_conv1d(module)
+    if factors is not None:
+        first, second = factors
+        layer.first.weight.copy_(first.reshape_as(layer.first.weight))
+        layer.second.weight.copy_(second.reshape_as(layer.second.weight))
+        layer.second.bias = module.bias
+        layer.first.weight.requires_grad_(weight.requires_grad)
+        layer.second.weight.requires_grad_(weight.requires_grad)
     return layer
 
 
@@ -173,13 +182,15 @@ def factorize_(
     plan: Mapping[str, int],
     *,
     extra_bn: bool = False,
-    init: str = "svd",
+    init: str | FactorInit = "svd",
     stable_ranks: Mapping[str, float] | None = None,
 ) -> FactorizationReport:
     """Replace each ``{module name: rank}`` of ``plan`` with its low-rank factorization, in place.
 
-    ``init="svd"`` starts the factors from the truncated SVD of the dense weight (the default);
-    ``init="empty"`` only builds the architecture, for loading factorized weights into it afterwards.
+    ``init`` is how the factors start: a name of :data:`cuttlefish_hf.inits.INITS` that needs nothing recorded
+    (``"svd"``, the truncated SVD of the dense weight, by default), a function ``(name, matrix, rank) ->
+    (first, second)`` such as :func:`cuttlefish_hf.inits.make_init` builds, or ``"empty"``: only the
+    architecture, for loading factorized weights into it afterwards.
     The whole plan is checked before any module is touched. A ``torch.compile`` wrapper is looked through
     (plan names with or without ``_orig_mod.``); a transformers model gets the plan recorded in its config, so
     ``model.save_pretrained`` saves it.
@@ -190,8 +201,8 @@ def factorize_(
         >>> report.layers[0].params_after
         1088
     """
-    if init not in ("svd", "empty"):
-        raise ValueError(f"init must be 'svd' or 'empty', got {init!r}.")
+    if isinstance(init, str) and init != "empty":
+        init = make_init(init)
     if not isinstance(plan, Mapping):
         raise ValueError(f"plan must map module names to ranks, e.g. {{'encoder.layer.0.output.dense': 64}}; got "
                          f"{type(plan).__name__} {plan!r:.80}.")
@@ -199,11 +210,12 @@ def factorize_(
         model = unwrap_compiled(model)
         plan = {name.removeprefix("_orig_mod."): rank for name, rank in plan.items()}
     modules = _check_plan(model, plan)
-    if init == "svd":  # before any module is touched; "empty" reads no weights, so NaN ones do not matter
+    if init != "empty":  # before any module is touched; "empty" reads no weights, so NaN ones do not matter
         check_finite({name: module.weight for name, module in modules.items()})
     report = FactorizationReport(model_params_before=count_parameters(model))
     for name, module in modules.items():
-        new = _factorized_from(module, plan[name], extra_bn, init)
+        factors = None if init == "empty" else init(name, dense_matrix(module), plan[name])
+        new = _factorized_from(module, plan[name], extra_bn, factors)
         _set_submodule(model, name, new)
         report.layers.append(LayerReport(
             name=name, shape=dense_shape(module), rank=plan[name],

@@ -8,7 +8,8 @@ and ``groups == 1``, that lives inside a repeated block (an element of an
 (embeddings, patch embeddings, pooler, classifier, heads) or its weight is shared with
 another module (see :func:`shared_weights`).
 
-An explicit ``target_modules`` follows PEFT semantics (see :func:`matches`).
+An explicit ``target_modules`` follows PEFT semantics (see :func:`matches`). :func:`layer_kind` tells
+attention from feed-forward layers by their names, for rules that treat them differently.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ _NEVER_TARGET = (
 )
 
 _NUM_CANDIDATES_SHOWN = 8
+
+_ATTENTION_PARTS = ("attention", "attn", "self_attn", "query", "key", "value", "qkv", "q_proj", "k_proj", "v_proj",
+                    "o_proj", "out_proj", "c_attn", "q_lin", "k_lin", "v_lin", "out_lin")
+_FFN_PARTS = ("intermediate", "output", "mlp", "ffn", "feed_forward", "fc1", "fc2", "c_fc", "c_proj", "up_proj",
+              "down_proj", "gate_proj", "wi", "wo", "wi_0", "wi_1", "lin1", "lin2", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def layer_kind(name: str) -> str:
+    """``"attention"``, ``"ffn"`` or ``"other"`` from a module name's components (BERT, RoBERTa, ViT, GPT-2,
+    LLaMA, T5, DistilBERT, ... naming). An attention name wins: ``attention.output.dense`` is attention."""
+    parts = name.lower().split(".")
+    if any(part in _ATTENTION_PARTS for part in parts):
+        return "attention"
+    if any(part in _FFN_PARTS for part in parts):
+        return "ffn"
+    return "other"
 
 
 def matches(name: str, patterns: str | list[str]) -> bool:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
+import runpy
 import sys
+import warnings
+from importlib.metadata import entry_points
 
 import pytest
 import timm
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from cuttlefish_hf import factorize_
 from cuttlefish_hf.cli.inspect import TABLE_RULES, WIDTH, LayerInfo, format_table
 from cuttlefish_hf.cli.main import SUBCOMMANDS, main
 from cuttlefish_hf.hub import save_pretrained, save_timm
-from helpers import pretrained_like
+from helpers import TINY_TIMM_KWARGS, pretrained_like, tiny_bert, tiny_timm_deit
 
-TIMM_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 BERT_PLAN = {"bert.encoder.layer.1.attention.self.query": 4, "bert.encoder.layer.1.intermediate.dense": 8}
 
 
@@ -26,17 +27,15 @@ BERT_PLAN = {"bert.encoder.layer.1.attention.self.query": 4, "bert.encoder.layer
 def models(tmp_path_factory):
     """Folders of a tiny BERT and a tiny timm ViT, each dense and factorized, and a pretrained-like BERT."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=100)
-    pretrained_like(BertForSequenceClassification(config)).save_pretrained(root / "bert_pretrained")
-    bert = BertForSequenceClassification(config)
+    bert_config = dict(vocab_size=100, max_position_embeddings=512)
+    pretrained_like(tiny_bert(seed=0, **bert_config)).save_pretrained(root / "bert_pretrained")
+    bert = tiny_bert(seed=None, **bert_config)  # the generator goes on: weights unlike the first's
     bert.save_pretrained(root / "bert")
     (root / "bert" / "vocab.txt").write_text("[PAD]\n")  # a tokenizer file merge should carry along
     factorize_(bert, BERT_PLAN)
     save_pretrained(bert, root / "bert_factorized")
     (root / "bert_factorized" / "vocab.txt").write_text("[PAD]\n")
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KWARGS)
+    vit = tiny_timm_deit(seed=None, model_name="vit_tiny_patch16_224")
     save_timm(vit, root / "vit")
     factorize_(vit, {"blocks.1.mlp.fc1": 4})
     save_timm(vit, root / "vit_factorized")
@@ -102,15 +101,15 @@ def test_format_table_cuts_names_too_long_for_120_columns():
 
 
 @pytest.mark.parametrize("folder, rule, why", [
-    ("bert_pretrained", "activation_aware", "weights look pretrained"),
+    ("bert_pretrained", "kind_fractions", "weights look pretrained"),
     ("bert", "scaled_stable_rank", "weights look randomly initialized"),
 ])
 def test_inspect_defaults_to_the_rule_training_would_use(models, folder, rule, why, capsys):
     code, out, err = cli("inspect", models["root"] / folder, capsys=capsys)
     assert code == 0, err
-    assert out.startswith(f"Ranks by the {rule} rule, the one training would use: rank_rule='auto' and the")
+    assert out.startswith(f"Ranks by the {rule} rule, the one training would use: rank_rule='auto' and init='auto' and the")
     assert why in " ".join(out.split())
-    if rule == "activation_aware":  # attention keeps 0.4, FFN 0.7 of its parameters: floor(f*m*n/(m+n))
+    if rule == "kind_fractions":  # attention keeps 0.4, FFN 0.7 of its parameters: floor(f*m*n/(m+n))
         assert row_of(out, "0.attention.self.query")[5] == "6" and row_of(out, "0.intermediate.dense")[5] == "14"
     code, out, err = cli("inspect", models["root"] / folder, "--rule", "energy", capsys=capsys)
     assert code == 0, err
@@ -118,7 +117,7 @@ def test_inspect_defaults_to_the_rule_training_would_use(models, folder, rule, w
 
 
 @pytest.mark.parametrize("rule", ["auto", "scaled_stable_rank", "stable_rank", "energy", "fixed_ratio",
-                                  "activation_aware"])
+                                  "kind_fractions"])
 def test_inspect_never_proposes_more_than_the_current_rank(models, rule, capsys):
     code, out, err = cli("inspect", models["root"] / "bert_factorized", "--wide", "--rule", rule, capsys=capsys)
     assert code == 0, err
@@ -142,7 +141,7 @@ def test_inspect_factorized_folder_shows_current_ranks(models, capsys):
 
 
 def test_inspect_timm_by_name_and_folder(models, capsys):
-    code, out, err = cli("inspect", "timm:vit_tiny_patch16_224", "--model-kwargs", json.dumps(TIMM_KWARGS),
+    code, out, err = cli("inspect", "timm:vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_TIMM_KWARGS),
                          capsys=capsys)
     assert code == 0, err
     assert row_of(out, "1.mlp.fc2")[1] == "32x128" and "8 layers" in out
@@ -216,12 +215,19 @@ def test_bad_input_exits_non_zero_with_a_message(models, argv, code, message, ca
     assert last.startswith(f"cuttlefish-hf {argv[0]}: error:" if code == 1 else "cuttlefish-hf") and message in last
 
 
-def test_console_script_reports_errors_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cuttlefish_hf.cli.main", "inspect", str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]  # above it, main's note on torch threads
-    assert last.startswith("cuttlefish-hf inspect: error:") and "Traceback" not in result.stderr
+def test_console_script_reports_errors_without_traceback(tmp_path, monkeypatch, capsys):
+    """``cuttlefish-hf`` and ``python -m cuttlefish_hf.cli.main`` exit with main's code. Run in this process
+    (runpy executes the module as ``__main__``): a fresh interpreter would add seconds of imports, not coverage."""
+    (script,) = entry_points(group="console_scripts", name="cuttlefish-hf")
+    assert script.load() is main
+    monkeypatch.setattr(sys, "argv", ["cuttlefish-hf", "inspect", str(tmp_path / "none")])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.filterwarnings("ignore", "'cuttlefish_hf.cli.main' found in sys.modules", RuntimeWarning)
+        runpy.run_module("cuttlefish_hf.cli.main", run_name="__main__")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it, main's note on torch threads
+    assert last.startswith("cuttlefish-hf inspect: error:") and "Traceback" not in err
 
 
 def test_demo_short_run_writes_results(tmp_path, capsys):

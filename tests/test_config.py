@@ -16,7 +16,7 @@ def test_defaults_are_valid():
     config = CuttlefishConfig()
     assert config.mode == "cuttlefish"
     assert config.rank_rule == "auto"  # the controller picks per model; see test_pretrained_rule.py
-    assert config.activation_fractions == {"attention": 0.4, "ffn": 0.7}
+    assert config.kind_fractions == {"attention": 0.4, "ffn": 0.7}
     assert config.target_modules == "auto"
     assert config.rank_pattern == {}
     assert MODES == ("cuttlefish", "pufferfish", "si_fd")
@@ -33,9 +33,9 @@ def test_every_mode_and_rule_is_accepted(mode, rule):
     [
         (dict(mode="lora"), "mode", "choose one of"),
         (dict(rank_rule="svd"), "rank_rule", "choose one of"),
-        (dict(activation_fractions={"mlp": 0.5}), "activation_fractions", "keys among"),
-        (dict(activation_fractions={"ffn": 0.0}), "activation_fractions", "in (0, 1]"),
-        (dict(activation_fractions=[0.4, 0.7]), "activation_fractions", "keys among"),
+        (dict(kind_fractions={"mlp": 0.5}), "kind_fractions", "keys among"),
+        (dict(kind_fractions={"ffn": 0.0}), "kind_fractions", "in (0, 1]"),
+        (dict(kind_fractions=[0.4, 0.7]), "kind_fractions", "keys among"),
         (dict(activation_tokens=0), "activation_tokens", "integer >= 1"),
         (dict(xi_reference="pretrained"), "xi_reference", "choose one of"),
         (dict(target_modules="(query"), "target_modules", "not a valid regular expression"),
@@ -232,9 +232,9 @@ def test_non_finite_floats_are_refused(name, value):
         # re.compile raises RecursionError / OverflowError for these, not re.error
         (dict(target_modules="(" * 5000 + ")" * 5000), "is not a valid regular expression: maximum recursion"),
         (dict(rank_pattern={"a{99999999999}": 2}), "is not a valid regular expression: the repetition number"),
-        (dict(activation_fractions={"ffn": True}), "activation_fractions['ffn'] must be a number in (0, 1], got True."),
-        (dict(activation_fractions={"ffn": float("inf")}),
-         "activation_fractions['ffn'] must be a number in (0, 1], got inf."),
+        (dict(kind_fractions={"ffn": True}), "kind_fractions['ffn'] must be a number in (0, 1], got True."),
+        (dict(kind_fractions={"ffn": float("inf")}),
+         "kind_fractions['ffn'] must be a number in (0, 1], got inf."),
     ],
 )
 def test_wrong_types_and_absurd_values_are_refused(kwargs, fix):
@@ -275,14 +275,14 @@ def _parse(*flags: str, with_training_args: bool = False):
 
 def test_hf_argument_parser_reads_every_kind_of_field():
     (config,) = _parse("--mode", "cuttlefish", "--target_modules", '["query", "value"]', "--exclude_modules",
-                       r".*pooler.*", "--rank_pattern", '{"output.dense": 64}', "--activation_fractions",
+                       r".*pooler.*", "--rank_pattern", '{"output.dense": 64}', "--kind_fractions",
                        '{"attention": 0.5, "ffn": 0.8}', "--skip_first_blocks", "2", "--extra_bn", "false",
                        "--frobenius_decay", "0", "--measure_every_steps", "50", "--profile_dtype", "bfloat16",
                        "--rank_rule", "energy", "--energy_threshold", "0.95", "--window", "3",
                        "--power_iteration_seed", "7")
     assert config == CuttlefishConfig(target_modules=["query", "value"], exclude_modules=r".*pooler.*",
                                       rank_pattern={"output.dense": 64},
-                                      activation_fractions={"attention": 0.5, "ffn": 0.8}, skip_first_blocks=2,
+                                      kind_fractions={"attention": 0.5, "ffn": 0.8}, skip_first_blocks=2,
                                       extra_bn=False, frobenius_decay=0.0, measure_every_steps=50,
                                       profile_dtype="bfloat16", rank_rule="energy", energy_threshold=0.95,
                                       window=3, power_iteration_seed=7)
@@ -314,8 +314,8 @@ def test_hf_argument_parser_next_to_training_arguments(tmp_path):
     (dict(exclude_modules='["pooler"]'), dict(exclude_modules=["pooler"])),
     (dict(rank_pattern='{"output.dense": 64}'), dict(rank_pattern={"output.dense": 64})),
     (dict(rank_pattern=None), dict(rank_pattern={})),
-    (dict(activation_fractions='{"ffn": 0.5}'), dict(activation_fractions={"ffn": 0.5})),
-    (dict(activation_fractions=None), dict()),  # the defaults
+    (dict(kind_fractions='{"ffn": 0.5}'), dict(kind_fractions={"ffn": 0.5})),
+    (dict(kind_fractions=None), dict()),  # the defaults
 ])
 def test_text_values_are_read_like_their_python_objects(kwargs, expected):
     config = CuttlefishConfig(**kwargs)
@@ -327,8 +327,8 @@ def test_text_values_are_read_like_their_python_objects(kwargs, expected):
     (("--rank_pattern", '{"query": 8'), "rank_pattern='{\"query\": 8' is not valid JSON"),
     (("--rank_pattern", '{"query": 0}'), "rank_pattern['query'] must be a positive int rank, got 0."),
     (("--rank_pattern", "[8]"), "rank_pattern must be a dict {regex or name suffix: rank}, got [8]."),
-    (("--activation_fractions", "ffn=0.5"), "activation_fractions='ffn=0.5' is not valid JSON"),
-    (("--activation_fractions", '{"mlp": 0.5}'), "activation_fractions must be a dict with keys among"),
+    (("--kind_fractions", "ffn=0.5"), "kind_fractions='ffn=0.5' is not valid JSON"),
+    (("--kind_fractions", '{"mlp": 0.5}'), "kind_fractions must be a dict with keys among"),
     (("--skip_first_blocks", "two"), "skip_first_blocks must be an integer >= 0, 'auto'"),
     (("--skip_first_blocks", "-1"), "skip_first_blocks must be an integer >= 0"),
     (("--target_modules", '["query", 3]'), "target_modules must be a regex string or a list of module names"),

@@ -1,4 +1,11 @@
-"""``Cuttlefish``, the controller: when it switches, what it refuses, and models that arrive factorized."""
+"""``Cuttlefish``, the controller, as its spec.
+
+Its life: ``begin`` snapshots ``srank(W_0)`` and resolves the method once; each measurement point (a step or an
+epoch end) measures stable ranks until they settle or the warm-up bound is reached; ``switch`` factorizes the
+targets exactly as :func:`~cuttlefish_hf.planning.plan_switch` decides; ``state_dict`` / ``load_state_dict``
+carry that progress across a resume. Below: the lifecycle, when it switches, what it refuses, and models that
+arrive factorized.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ from helpers import KeywordDataset, tiny_bert
 from transformers import Trainer
 
 from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig, CuttlefishTrainer, factorize_, factorized_plan
+from cuttlefish_hf import controller as controller_module
 from cuttlefish_hf.layers import FactorizedLayer
+from cuttlefish_hf.planning import plan_switch, resolve_method
 
 from test_trainer_callback import FAST, build_trainer, training_args
 
@@ -26,6 +35,54 @@ def run(controller: Cuttlefish, steps: int, steps_per_epoch: int | None = None) 
             controller.epoch_end(step)
 
 
+SETTLES_AT_STEP_3 = dict(measure_every_steps=1, window=1, min_warmup_measurements=3, eps_relative=1.0,
+                         rank_rule="fixed_ratio", rank_ratio=0.25, skip_first_blocks=0)
+
+
+# -- the lifecycle ----------------------------------------------------------------------------------------
+def test_begin_resolves_the_method_once_and_the_switch_applies_plan_switch(monkeypatch):
+    resolutions = []
+    monkeypatch.setattr(controller_module, "resolve_method",
+                        lambda *args, **kwargs: resolutions.append(args) or resolve_method(*args, **kwargs))
+    model = tiny_bert()
+    weights = {name: module.weight.detach().clone() for name, module in model.named_modules() if name.endswith(
+        ("query", "key", "value", "dense")) and name.startswith("bert.encoder")}
+    config = CuttlefishConfig(**SETTLES_AT_STEP_3)
+    controller = Cuttlefish(model, config, total_steps=10)
+    controller.begin()
+    assert controller.rank_rule == "fixed_ratio" and controller.method.init == "svd" and not controller.decided
+    for step in (1, 2):
+        assert controller.step_end(step) is None
+    result = controller.step_end(3)
+    assert result is not None and result.step == controller.switch_step == 3 and controller.switched
+    assert len(resolutions) == 1  # not again at the measurements, decide() or the switch
+    expected = {d.name: d.rank for d in plan_switch(weights, config, controller.method) if d.factorize}
+    assert expected and controller.report.plan == expected == factorized_plan(model)
+    assert controller.step_end(4) is None and controller.switch_step == 3  # one switch per model
+
+
+def test_state_dict_resumes_the_warm_up_where_it_stopped():
+    config = CuttlefishConfig(**SETTLES_AT_STEP_3)
+    first = Cuttlefish(tiny_bert(), config, total_steps=10)
+    first.begin()
+    first.step_end(1)
+    first.step_end(2)
+    state = first.state_dict()
+    resumed_model = tiny_bert()
+    resumed = Cuttlefish(resumed_model, config, total_steps=10)
+    resumed.load_state_dict(state)  # no begin(): the restored state is the begin it had
+    assert resumed.measured_steps == [1, 2] and resumed.method == first.method and not resumed.decided
+    assert resumed.step_end(3) is not None and resumed.switch_step == 3
+    after = resumed.state_dict()
+    again = Cuttlefish(resumed_model, config, total_steps=10)
+    again.load_state_dict(after)  # after the switch: the model already holds the factors
+    assert again.switched and again.switch_step == 3 and again.report.plan == resumed.report.plan
+    assert again.summary()["plan"] == resumed.summary()["plan"] and again.step_end(4) is None
+    with pytest.raises(ValueError, match="do not match the saved Cuttlefish plan"):
+        Cuttlefish(tiny_bert(), config, total_steps=10).load_state_dict(after)  # a dense model, a switched state
+
+
+# -- when it switches ---------------------------------------------------------------------------------------
 def test_default_bounds_on_a_short_run_switch_at_max_warmup_and_warn_at_begin(caplog):
     # 3 epochs measured once per epoch: 1 measurement fits before 50% of the steps, min_warmup_measurements=2.
     controller = Cuttlefish(tiny_bert(), CuttlefishConfig(rank_rule="fixed_ratio"), total_steps=30,

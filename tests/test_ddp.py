@@ -6,16 +6,16 @@ import sys
 
 import pytest
 import torch
+from helpers import free_port
 
 
-@pytest.mark.parametrize("weights, rank_rule", [("scratch", "stable_rank"), ("pretrained", "activation_aware")])
+@pytest.mark.parametrize("weights, rank_rule", [("scratch", "stable_rank"), ("pretrained", "kind_fractions")])
 def test_two_process_ddp_run_factorizes_identically(tmp_path, weights, rank_rule):
     here = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    port = str(29533 + (weights == "pretrained"))  # distinct, so the two runs may go in parallel (xdist)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               os.path.join(here, "ddp_train.py"), str(tmp_path), weights]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(here, "ddp_train.py"), str(tmp_path), weights]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]

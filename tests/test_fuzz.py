@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cuttlefish_hf.activation_aware import decide_ranks_activation_aware, factorize_activation_aware_
 from cuttlefish_hf.config import CONFIG_RANK_RULES, MODES, PROFILE_DTYPES, CuttlefishConfig
 from cuttlefish_hf.controller import Cuttlefish
+from cuttlefish_hf.inits import whitened_init
 from cuttlefish_hf.layers import FactorizedLayer
 from cuttlefish_hf.rank_rules import XI_REFERENCES, decide_ranks
 from cuttlefish_hf.surgery import factorize_, factorized_plan
@@ -100,10 +100,12 @@ VALID = {
     "xi_reference": lambda r: r.choice(XI_REFERENCES),
     "energy_threshold": lambda r: r.choice([1.0, 1, 0.5, 1e-300, r.random() or 1.0]),
     "rank_ratio": lambda r: r.choice([1.0, 0.25, 1e-300, r.random() or 1.0]),
-    "activation_fractions": lambda r: r.choice([{}, {"ffn": 1.0}, {"attention": 1e-9, "other": 0.5},
-                                                {"attention": 0.4, "ffn": 0.7}]),
+    "kind_fractions": lambda r: r.choice([{}, {"ffn": 1.0}, {"attention": 1e-9, "other": 0.5},
+                                          {"attention": 0.4, "ffn": 0.7}]),
+    "init": lambda r: r.choice(["auto", "auto", "svd", "whitened"]),
     "activation_tokens": lambda r: r.choice([1, 7, 4096, 2**24]),
     "min_rank": lambda r: r.choice([1, 1, 2, 3, 100, 2**20]),
+    "rank_multiple": lambda r: r.choice([1, 1, 8, 64, 1024]),
     "measure_every_steps": lambda r: r.choice([None, 1, 2, 3, 10**7]),
     "window": lambda r: r.choice([1, 2, 5, 1000]),
     "eps_relative": lambda r: r.choice([0, 0.0, 1e-3, 1.0, r.random()]),
@@ -262,7 +264,7 @@ def _broken(bad: float) -> Tiny:
 
 @pytest.mark.parametrize("bad", [NAN, INF])
 @pytest.mark.parametrize("mode,rule", [("cuttlefish", "fixed_ratio"), ("cuttlefish", "energy"),
-                                       ("cuttlefish", "scaled_stable_rank"), ("cuttlefish", "activation_aware"),
+                                       ("cuttlefish", "scaled_stable_rank"), ("cuttlefish", "kind_fractions"),
                                        ("pufferfish", "auto"), ("si_fd", "auto")])
 def test_non_finite_weights_at_the_switch_raise_naming_the_layer(bad, mode, rule):
     # inf used to become NaN factors with no error (fixed ratio, Pufferfish, SI&FD); NaN a raw LinAlgError.
@@ -279,18 +281,18 @@ def test_non_finite_weights_at_the_switch_raise_naming_the_layer(bad, mode, rule
 
 
 @pytest.mark.parametrize("bad", [NAN, INF])
-def test_non_finite_weights_in_the_rank_rules_and_activation_aware_entry_points(bad):
+def test_non_finite_weights_in_the_rank_rules_and_whitened_init_entry_points(bad):
     model = _broken(bad)
     weights = {name: model.get_submodule(name).weight for name in ("blocks.0.fc1", "blocks.1.fc2")}
     pattern = r"^The weights of 'blocks\.1\.fc2' are NaN/inf before choosing ranks"
     with pytest.raises(ValueError, match=pattern):
         decide_ranks(weights, "energy")
-    for rule in ("fraction", "budget", "energy"):
+    for rule in ("kind_fractions", "fixed_ratio"):  # rules that read no spectrum still check the weights
         with pytest.raises(ValueError, match=pattern):
-            decide_ranks_activation_aware(weights, {}, rule)
+            decide_ranks(weights, rule)
     covariances = {name: torch.eye(weight.shape[1]) for name, weight in weights.items()}
     with pytest.raises(ValueError, match=r"^The weights of 'blocks\.1\.fc2' are NaN/inf before factorizing"):
-        factorize_activation_aware_(model, {"blocks.0.fc1": 2, "blocks.1.fc2": 2}, covariances)
+        factorize_(model, {"blocks.0.fc1": 2, "blocks.1.fc2": 2}, init=whitened_init(covariances))
     assert factorized_plan(model) == {}
 
 

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from cuttlefish_hf import __version__, factorize_, factorized_plan, find_targets, merge_
 from cuttlefish_hf import hub
+from cuttlefish_hf.hub import upload as hub_upload
 from cuttlefish_hf.hub import (
     CuttlefishCheckpointConfig,
     CuttlefishHfQuantizer,
@@ -29,7 +30,7 @@ from cuttlefish_hf.hub import (
     save_timm,
 )
 from cuttlefish_hf.surgery import FactorizationReport
-from helpers import tiny_bert as _tiny_bert
+import helpers
 
 RANK = 4
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +38,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # -- tiny models ----------------------------------------------------------------------------------------------
 def tiny_bert() -> tf.BertForSequenceClassification:
-    return _tiny_bert().eval()
+    return helpers.tiny_bert().eval()
 
 
 def tiny_hf_deit() -> tf.DeiTForImageClassification:
-    config = tf.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, num_labels=3)
-    return tf.DeiTForImageClassification(config).eval()
+    return helpers.tiny_hf_deit(seed=None).eval()
 
 
 def tiny_timm_deit() -> torch.nn.Module:
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=3).eval()
+    return helpers.tiny_timm_deit(seed=None).eval()
 
 
 def factorized(model: torch.nn.Module) -> torch.nn.Module:
@@ -186,8 +184,8 @@ def test_importing_the_package_registers_the_loader(tmp_path):
         from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
         print("cuttlefish" in AUTO_QUANTIZER_MAPPING)
     """, tmp_path)
-    assert out.strip() == "True", "cuttlefish_hf/__init__.py must import .hub so that AutoModel*.from_pretrained " \
-                                  "restores factorized checkpoints after `import cuttlefish_hf`"
+    assert out.strip() == "True", "`import cuttlefish_hf` must register the loader (hub.registration.install) so " \
+                                  "that AutoModel*.from_pretrained restores factorized checkpoints"
 
 
 def test_plain_transformers_loads_with_trust_remote_code_and_silently_reinitializes_without(bert_folder, tmp_path):
@@ -209,6 +207,38 @@ def test_plain_transformers_loads_with_trust_remote_code_and_silently_reinitiali
     assert out.splitlines() == ["CuttlefishBertForSequenceClassification True",
                                 # What the model card warns about: transformers only logs a LOAD REPORT.
                                 "BertForSequenceClassification False"]
+
+
+def test_remote_code_defines_every_name_it_uses():
+    """modeling_cuttlefish.py carries the source of cuttlefish_hf.layers: everything it calls must come along."""
+    import builtins
+    import symtable
+
+    from cuttlefish_hf.hub.remote_code import REMOTE_CODE_FILE, remote_code
+
+    top = symtable.symtable(remote_code("BertForSequenceClassification"), REMOTE_CODE_FILE, "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()} | set(dir(builtins))
+
+    def used(table) -> set[str]:
+        names = {s.get_name() for s in table.get_symbols() if s.is_referenced() and (table is top or s.is_global())}
+        return names.union(*(used(child) for child in table.get_children()))
+
+    assert used(top) - defined == set()
+
+
+def test_remote_code_layers_match_the_library():
+    from cuttlefish_hf.hub.remote_code import remote_code
+    from cuttlefish_hf.layers import factorized_like
+
+    namespace: dict = {}
+    exec(compile(remote_code("BertModel"), "modeling_cuttlefish.py", "exec"), namespace)
+    for dense, x in [(torch.nn.Linear(8, 6), torch.randn(3, 8)),
+                     (torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(1, 4, 9, 9))]:
+        ours = factorized_like(dense, 2, extra_bn=True)
+        theirs = namespace["factorized_like"](dense, 2, extra_bn=True)
+        assert type(theirs).__name__ == type(ours).__name__ and repr(theirs) == repr(ours)
+        theirs.load_state_dict(ours.state_dict())
+        assert torch.equal(theirs.eval()(x), ours.eval()(x))
 
 
 def test_auto_model_reload_is_trainable_castable_and_keeps_its_record(bert_folder):
@@ -377,7 +407,7 @@ class FakeHfApi(FakeTimmApi):
 @pytest.mark.parametrize("make, x", [(tiny_bert, text_input), (tiny_timm_deit, image_input)], ids=["bert", "timm"])
 def test_push_to_hub_uploads_the_saved_folder_and_card(tmp_path, monkeypatch, make, x):
     FakeHfApi.calls = []
-    monkeypatch.setattr(hub, "HfApi", lambda **kwargs: FakeHfApi(tmp_path, **kwargs))
+    monkeypatch.setattr(hub_upload, "HfApi", lambda **kwargs: FakeHfApi(tmp_path, **kwargs))
     model = factorized(make())
     hub.push_to_hub(model, "me/model", training_notes="toy", private=True)
     assert [call[:2] for call in FakeHfApi.calls] == [("create_repo", "me/model"), ("upload_folder", "me/model")]
@@ -478,7 +508,7 @@ def test_compiled_model_in_trainer_saves_its_plan_without_compile_prefixes(tmp_p
 
     from cuttlefish_hf import CuttlefishCallback, CuttlefishConfig
 
-    model = _tiny_bert()
+    model = helpers.tiny_bert()
     callback = CuttlefishCallback(CuttlefishConfig(**FAST))
     # A compiled module's forward takes (*args, **kwargs): Trainer would drop every column.
     trainer = tf.Trainer(model=torch.compile(model, backend="eager"),
@@ -501,7 +531,7 @@ def test_cuttlefish_trainer_output_loads_with_trust_remote_code_as_its_card_says
 
     from cuttlefish_hf import CuttlefishConfig, CuttlefishTrainer
 
-    trainer = CuttlefishTrainer(model=_tiny_bert(), args=training_args(tmp_path), train_dataset=KeywordDataset(),
+    trainer = CuttlefishTrainer(model=helpers.tiny_bert(), args=training_args(tmp_path), train_dataset=KeywordDataset(),
                                 cuttlefish_config=CuttlefishConfig(**FAST))
     trainer.train()
     folder = tmp_path / "final"

@@ -97,15 +97,25 @@ for name in sys.argv[1:]:
 """
 
 
-def probe(*verbosities: str, **env: str) -> set[str]:
-    """The lines a script that configures no logging prints to stderr at each transformers verbosity."""
-    environment = {key: value for key, value in os.environ.items() if key != "CUTTLEFISH_VERBOSITY"} | env
-    result = subprocess.run([sys.executable, "-c", PROBE, *verbosities], capture_output=True, text=True,
-                            env=environment, timeout=120, check=True)
-    return {line for line in result.stderr.splitlines() if " at " in line}
+def probes(*runs: tuple[list[str], dict[str, str]]) -> list[set[str]]:
+    """For each run (transformers verbosities, environment variables): the lines a script that configures no
+    logging prints to stderr at each verbosity. A fresh interpreter each, as the point is a process where nothing
+    configured logging and the environment is read at import; they run side by side."""
+    base = {key: value for key, value in os.environ.items() if key != "CUTTLEFISH_VERBOSITY"}
+    processes = [subprocess.Popen([sys.executable, "-c", PROBE, *verbosities], env=base | env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for verbosities, env in runs]
+    try:
+        errors = [process.communicate(timeout=120)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()  # a no-op once it has exited
+            process.wait()
+    assert [process.returncode for process in processes] == [0] * len(runs), errors
+    return [{line for line in error.splitlines() if " at " in line} for error in errors]
 
 
 def test_without_logging_configured_lines_print_at_transformers_verbosity_or_cuttlefish_verbosity():
     # Python's last resort prints only warnings; transformers' own handler prints what its verbosity lets through.
-    assert probe("WARNING", "INFO", "ERROR") == {"warning at WARNING", "info at INFO", "warning at INFO"}
-    assert probe("ERROR", CUTTLEFISH_VERBOSITY="info") == {"info at ERROR", "warning at ERROR"}
+    following, own_level = probes((["WARNING", "INFO", "ERROR"], {}), (["ERROR"], {"CUTTLEFISH_VERBOSITY": "info"}))
+    assert following == {"warning at WARNING", "info at INFO", "warning at INFO"}
+    assert own_level == {"info at ERROR", "warning at ERROR"}

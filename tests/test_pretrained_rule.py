@@ -1,5 +1,6 @@
-"""The pretrained-model default: ``rank_rule="auto"`` picks the activation-aware rule for pretrained weights,
-records the layers' inputs during the warm-up, and factorizes them in the whitened metric at the switch."""
+"""The pretrained-model default: ``rank_rule="auto"`` / ``init="auto"`` pick the kind-fractions rule and the
+whitened init for pretrained weights (one verdict), record the layers' inputs during the warm-up, and
+factorize them in the whitened metric at the switch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from helpers import KeywordDataset, pretrained_like, tiny_bert
 from transformers import Trainer, TrainingArguments
 
 from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig
-from cuttlefish_hf.activation_aware import layer_kind, output_error
+from cuttlefish_hf.targeting import layer_kind
+from cuttlefish_hf.whitening import output_error
 from cuttlefish_hf.layers import FactorizedLinear, svd_factors
 
 FAST = dict(measure_every_steps=2, window=2, min_warmup_measurements=3, eps_relative=0.05)
@@ -21,22 +23,28 @@ def batch(seed: int = 0, size: int = 16, length: int = 12) -> torch.Tensor:
     return torch.randint(8, 64, (size, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("config, pretrained, rule, reason", [
-    (CuttlefishConfig(), False, "scaled_stable_rank", "randomly initialized"),
-    (CuttlefishConfig(), True, "activation_aware", "look pretrained"),
-    (CuttlefishConfig(rank_rule="energy"), True, "energy", "set in the config"),
-    (CuttlefishConfig(rank_rule="activation_aware"), False, "activation_aware", "set in the config"),
-    (CuttlefishConfig(mode="pufferfish"), True, "fixed_ratio", "pufferfish mode"),
+@pytest.mark.parametrize("config, pretrained, rule, init, reason", [
+    (CuttlefishConfig(), False, "scaled_stable_rank", "svd", "randomly initialized"),
+    (CuttlefishConfig(), True, "kind_fractions", "whitened", "look pretrained"),
+    (CuttlefishConfig(rank_rule="energy"), True, "energy", "whitened", "init='auto' and the weights look pretrained"),
+    (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd", "set in the config"),
+    (CuttlefishConfig(rank_rule="kind_fractions", init="whitened"), False, "kind_fractions", "whitened",
+     "set in the config"),
+    (CuttlefishConfig(rank_rule="activation_aware"), False, "kind_fractions", "whitened", "set in the config"),
+    (CuttlefishConfig(init="svd"), True, "kind_fractions", "svd", "rank_rule='auto' and the weights look pretrained"),
+    (CuttlefishConfig(mode="pufferfish"), True, "fixed_ratio", "svd", "pufferfish mode"),
 ])
-def test_rank_rule_is_resolved_at_begin_and_explained(config, pretrained, rule, reason):
+def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrained, rule, init, reason):
     model = pretrained_like(tiny_bert()) if pretrained else tiny_bert()
     controller = Cuttlefish(model, config, total_steps=100)
     assert controller.rank_rule is None
     controller.begin()
-    assert controller.rank_rule == rule and reason in controller.rank_rule_reason
-    assert (controller.activations is not None) == (rule == "activation_aware")
+    assert controller.rank_rule == rule and controller.method.init == init
+    assert reason in controller.rank_rule_reason
+    assert (controller.activations is not None) == (init == "whitened")
     summary = controller.summary()
-    assert summary["rank_rule"] == rule and summary["rank_rule_reason"] == controller.rank_rule_reason
+    assert summary["rank_rule"] == rule and summary["init"] == init
+    assert summary["rank_rule_reason"] == controller.rank_rule_reason
 
 
 def test_statistics_restart_after_each_measurement_and_stop_at_the_token_cap():
@@ -71,10 +79,10 @@ def test_switch_factorizes_in_the_metric_of_the_last_period_inputs():
     dense = {name: model.get_submodule(name).weight.detach().clone() for name in controller.targets}
     result = controller.switch(step=5)
 
-    fractions = CuttlefishConfig().activation_fractions
+    fractions = CuttlefishConfig().kind_fractions
     for decision in result.decisions:  # ranks keep the kind's fraction of each layer's parameters
         m, n = decision.shape
-        assert decision.rule == "aa_fraction"
+        assert decision.rule == "kind_fractions"
         assert decision.rank == min(m, n, math.floor(fractions[layer_kind(decision.name)] * m * n / (m + n)))
     compared = 0
     for name in controller.report.plan:  # smaller output error on the recorded inputs than plain SVD
@@ -109,15 +117,29 @@ def test_resumed_warm_up_keeps_the_rule_and_records_again():
     controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     controller.begin()
     state = controller.state_dict()
-    assert state["rank_rule"] == "activation_aware"
+    assert state["method"][:2] == ["kind_fractions", "whitened"]
     controller.activations.stop()
     resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     resumed.load_state_dict(state)
-    assert resumed.rank_rule == "activation_aware" and resumed.rank_rule_reason == controller.rank_rule_reason
+    assert resumed.method == controller.method
     assert resumed.activations is not None and resumed.activations.collecting
 
 
-def test_trainer_fine_tune_of_pretrained_weights_uses_the_activation_aware_rule(tmp_path):
+def test_a_warm_up_checkpoint_of_0_1_resumes_with_the_rule_and_init_it_meant():
+    model = pretrained_like(tiny_bert())
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    controller.begin()
+    controller.activations.stop()
+    state = controller.state_dict()
+    del state["method"]
+    state.update(rank_rule="activation_aware", rank_rule_reason="rank_rule='auto' and the weights look pretrained")
+    resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    resumed.load_state_dict(state)
+    assert (resumed.rank_rule, resumed.method.init) == ("kind_fractions", "whitened")
+    assert resumed.activations is not None and resumed.activations.collecting
+
+
+def test_trainer_fine_tune_of_pretrained_weights_uses_the_pretrained_rule_and_whitened_init(tmp_path):
     callback = CuttlefishCallback(CuttlefishConfig(**FAST))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=4,
                              learning_rate=2e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
@@ -128,8 +150,9 @@ def test_trainer_fine_tune_of_pretrained_weights_uses_the_activation_aware_rule(
     controller = callback.controller
     assert controller.switched and 0 < controller.switch_step < trainer.state.max_steps
     summary = controller.summary()
-    assert summary["rank_rule"] == "activation_aware" and "pretrained" in summary["rank_rule_reason"]
-    assert all(d.rule == "aa_fraction" for d in controller.decisions)
+    assert summary["rank_rule"] == "kind_fractions" and "pretrained" in summary["rank_rule_reason"]
+    assert summary["init"] == "whitened"
+    assert all(d.rule == "kind_fractions" for d in controller.decisions)
     assert controller.activations is None and summary["statistics_seconds"] > 0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > controller.switch_step]
     assert len(losses) > 5 and all(math.isfinite(loss) for loss in losses)

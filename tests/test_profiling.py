@@ -175,7 +175,7 @@ def test_controller_auto_keeps_slow_layers_dense(monkeypatch):
     assert controller.profile_report.layers[0].input_shape == (16, 32)
     restored = Cuttlefish(model, config)
     restored.load_state_dict(controller.state_dict())
-    assert restored.profile_seconds == controller.profile_seconds
+    assert restored.timings.profile_seconds == controller.timings.profile_seconds
 
 
 def test_controller_without_auto_does_not_profile(monkeypatch):

@@ -7,16 +7,22 @@ import math
 import pytest
 import torch
 
+from cuttlefish_hf.config import RANK_RULES as CONFIG_RULE_NAMES
 from cuttlefish_hf.rank_rules import (
     RANK_RULES,
+    LayerMeasurement,
+    RuleOptions,
     RankDecision,
     break_even_rank,
     decide_ranks,
     random_matrix_stable_rank,
     rank_from_singular_values,
+    round_rank,
     xi_for,
 )
 from cuttlefish_hf.stable_rank import stable_rank, stable_ranks
+from cuttlefish_hf.targeting import find_targets, layer_kind
+from helpers import tiny_bert
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -122,7 +128,7 @@ def test_clipping_to_min_rank_and_full_rank():
 def test_unknown_rule_raises():
     with pytest.raises(ValueError, match="Unknown rank rule"):
         rank_from_singular_values(VALUES, "svd")
-    assert set(RANK_RULES) == {"scaled_stable_rank", "stable_rank", "energy", "fixed_ratio"}
+    assert set(RANK_RULES) == {"scaled_stable_rank", "stable_rank", "energy", "fixed_ratio", "kind_fractions"}
 
 
 # --------------------------------------------------------------------------- xi
@@ -225,3 +231,51 @@ def test_decide_ranks_fp16_weights():
     weight = _with_singular_values([1.0] * 8 + [0.0] * 24, 32).half()
     d = decide_ranks({"w": weight}, "stable_rank")[0]
     assert d.rank == 8 and d.factorize
+
+
+def test_kind_fractions_rule_keeps_the_kind_fraction_of_each_layer():
+    model = tiny_bert(seed=0)  # hidden 32, FFN 64
+    targets = find_targets(model)
+    weights = {n: model.get_submodule(n).weight for n in targets}
+    decisions = decide_ranks(weights, "kind_fractions")   # default: attention 0.4 / FFN 0.7
+    for d in decisions:
+        m, n = d.shape
+        fraction = 0.4 if layer_kind(d.name) == "attention" else 0.7
+        assert d.rule == "kind_fractions" and d.rank == int(fraction * m * n // (m + n)) and d.factorize
+        assert d.stable_rank == pytest.approx(stable_rank(weights[d.name]), rel=1e-6)  # for the report
+    kept = sum(d.rank * sum(d.shape) for d in decisions) / sum(d.shape[0] * d.shape[1] for d in decisions)
+    assert 0.5 < kept <= 0.6
+    uniform = decide_ranks(weights, "kind_fractions", kind_fractions={"attention": 0.5, "ffn": 0.5})
+    assert {d.rank for d in uniform if d.shape == (32, 32)} == {8}
+    other = decide_ranks({"features.conv": torch.randn(20, 20)}, "kind_fractions")[0]  # no known kind: 0.6
+    assert other.rank == 6
+
+
+def test_the_registry_holds_the_configs_rule_names_and_rules_are_small_functions():
+    assert set(RANK_RULES) == set(CONFIG_RULE_NAMES)
+    assert {name for name, rule in RANK_RULES.items() if not rule.reads_spectrum} == {"fixed_ratio", "kind_fractions"}
+    layer = LayerMeasurement("encoder.0.attention.query", (64, 64), torch.ones(64), init_stable_rank=64.0)
+    assert RANK_RULES["fixed_ratio"].function(layer, RuleOptions(ratio=0.5)) == (32, None)
+    assert RANK_RULES["stable_rank"].function(layer, RuleOptions()) == (64, None)
+    assert RANK_RULES["kind_fractions"].function(layer, RuleOptions()) == (12, None)  # floor(0.4 * 64 / 2)
+    with pytest.raises(ValueError, match="choose one of"):
+        decide_ranks({"w": torch.eye(4)}, "aa_budget")
+
+
+def test_rules_that_read_no_spectrum_take_no_svd_of_the_weights(monkeypatch):
+    import cuttlefish_hf.rank_rules as rank_rules
+
+    calls = []
+    monkeypatch.setattr(rank_rules, "singular_values", lambda *a, **k: calls.append(a) or [])
+    decide_ranks({"w": torch.eye(8)}, "fixed_ratio", ratio=0.25)
+    assert calls == []
+
+
+def test_rank_multiple_rounds_up_but_never_to_a_rank_that_saves_nothing():
+    assert round_rank(13, 8, 64, 64) == 16 and round_rank(16, 8, 64, 64) == 16 and round_rank(13, 1, 64, 64) == 13
+    assert break_even_rank(64, 64) == 32
+    assert round_rank(30, 8, 64, 64) == 30   # 32 would save no parameters: left as chosen
+    assert round_rank(5, 64, 64, 64) == 5    # 64 passes the break-even rank too
+    weights = {"a": torch.randn(64, 64, generator=_gen(3)), "b": torch.randn(64, 64, generator=_gen(4))}
+    decisions = decide_ranks(weights, "fixed_ratio", ratio=0.2, rank_multiple=8, rank_overrides={"b": 13})
+    assert [(d.rank, d.factorize) for d in decisions] == [(16, True), (13, True)]  # ceil(12.8)=13 -> 16; b as given

@@ -28,7 +28,7 @@ CASES = {
                                                      "per_device_train_batch_size": 8}),
     "callback-wd0": (Trainer, {}, {}),
     "callback-accumulation": (Trainer, {}, {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 8}),
-    "trainer-activation-aware": (CuttlefishTrainer, {"rank_rule": "activation_aware"}, {"weight_decay": 0.01}),
+    "trainer-whitened": (CuttlefishTrainer, {"rank_rule": "kind_fractions", "init": "whitened"}, {"weight_decay": 0.01}),
 }
 
 
@@ -48,25 +48,25 @@ def test_resume_after_the_switch_is_exact(tmp_path, case):
         assert max_abs_difference(resumed.model.state_dict(), reference) == 0.0, checkpoint
 
 
-ACTIVATION_AWARE = CuttlefishConfig(**{**FAST, "rank_rule": "activation_aware"})
+WHITENED = CuttlefishConfig(**{**FAST, "rank_rule": "kind_fractions", "init": "whitened"})
 
 
-def test_activation_aware_resume_in_the_middle_of_the_switch_period_is_exact(tmp_path):
+def test_whitened_init_resume_in_the_middle_of_the_switch_period_is_exact(tmp_path):
     # Checkpoints every 5 steps, measurements every 2: checkpoint-5 falls inside the period (4, 6] whose input
     # statistics the switch at step 6 uses; they travel with the checkpoint.
-    full, callback = run(tmp_path, CuttlefishTrainer, ACTIVATION_AWARE, save_steps=5)
+    full, callback = run(tmp_path, CuttlefishTrainer, WHITENED, save_steps=5)
     assert callback.controller.switch_step == 6
     assert (tmp_path / "run" / "checkpoint-5" / "cuttlefish_statistics-rank0.pt").is_file()
-    resumed, _ = run(tmp_path, CuttlefishTrainer, ACTIVATION_AWARE, save_steps=5,
+    resumed, _ = run(tmp_path, CuttlefishTrainer, WHITENED, save_steps=5,
                      resume_from=str(tmp_path / "run" / "checkpoint-5"))
     assert max_abs_difference(resumed.model.state_dict(), full.model.state_dict()) == 0.0
 
 
-def test_activation_aware_resume_without_the_statistics_says_it_records_them_again(tmp_path, caplog):
-    full, _ = run(tmp_path, Trainer, ACTIVATION_AWARE, save_steps=5)
+def test_whitened_init_resume_without_the_statistics_says_it_records_them_again(tmp_path, caplog):
+    full, _ = run(tmp_path, Trainer, WHITENED, save_steps=5)
     (tmp_path / "run" / "checkpoint-5" / "cuttlefish_statistics-rank0.pt").unlink()
     with caplog.at_level("WARNING", logger="cuttlefish_hf.integrations.trainer"):
-        resumed, _ = run(tmp_path, Trainer, ACTIVATION_AWARE, save_steps=5,
+        resumed, _ = run(tmp_path, Trainer, WHITENED, save_steps=5,
                          resume_from=str(tmp_path / "run" / "checkpoint-5"))
     assert "resumed at step 5, in the middle of a measurement period (from step 4)" in caplog.text
     # The statistics matter: recorded again from step 5 only, the factors differ from the uninterrupted run's.

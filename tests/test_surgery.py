@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_bert
 from torch import nn
+from transformers import BertForMaskedLM
 
 from cuttlefish_hf.layers import FactorizedConv2d, FactorizedLinear
 from cuttlefish_hf.surgery import (
@@ -279,11 +281,7 @@ def test_frozen_layer_stays_frozen():
 
 # --------------------------------------------------------------------------- tiny BERT
 def test_tiny_bert_full_rank_is_exact():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert(vocab_size=100, max_position_embeddings=512).eval()
     input_ids = torch.randint(1, 100, (2, 7))
     mask = torch.ones_like(input_ids)
     mask[1, 5:] = 0
@@ -307,16 +305,8 @@ def test_tiny_bert_full_rank_is_exact():
 
 
 # --------------------------------------------------------------------------- shared / tied weights
-def _tiny_masked_lm(tie: bool = True):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=tie)
-    return transformers.BertForMaskedLM(config).eval()
-
-
 def test_tied_decoder_in_plan_raises_before_any_change():
-    model = _tiny_masked_lm(tie=True)
+    model = tiny_bert(model_class=BertForMaskedLM).eval()  # tied: BERT's default
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     snapshot, params = _snapshot(model), count_parameters(model)
     plan = {"bert.encoder.layer.0.attention.self.query": 4, "cls.predictions.decoder": 4}  # valid entry first
@@ -346,7 +336,7 @@ def test_shared_linear_in_plan_raises_before_any_change():
 
 
 def test_untied_decoder_still_factorizes():
-    model = _tiny_masked_lm(tie=False)
+    model = tiny_bert(model_class=BertForMaskedLM, tie_word_embeddings=False).eval()
     before = count_parameters(model)
     report = factorize_(model, {"cls.predictions.decoder": 4})
     assert isinstance(model.cls.predictions.decoder, FactorizedLinear)
@@ -359,7 +349,7 @@ def test_tied_masked_lm_auto_targets_save_and_reload(tmp_path):
     from cuttlefish_hf import hub
     from cuttlefish_hf.targeting import find_targets
 
-    model = _tiny_masked_lm(tie=True)
+    model = tiny_bert(model_class=BertForMaskedLM).eval()
     targets = find_targets(model)
     assert len(targets) == 12 and all(name.startswith("bert.encoder.layer.") for name in targets)
     factorize_(model, {name: 4 for name in targets})

@@ -14,8 +14,10 @@ from cuttlefish_hf.targeting import (
     block_indices,
     describe_targets,
     find_targets,
+    layer_kind,
     matches,
 )
+from helpers import tiny_timm_deit
 
 TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
 TINY_VISION = dict(
@@ -77,10 +79,7 @@ _BUILDERS = {
     "hf_deit": lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**TINY_VISION)),
     "pre59_vit": lambda: _pre59_hf_vit("vit"),
     "pre59_deit": lambda: _pre59_hf_vit("deit"),
-    "timm_deit": lambda: timm.create_model(
-        "deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-        num_classes=3,
-    ),
+    "timm_deit": lambda: tiny_timm_deit(seed=None),
     "timm_resnet18": lambda: timm.create_model("resnet18", pretrained=False, num_classes=3),
     "blocks": _blocks_model,
 }
@@ -419,3 +418,15 @@ def test_describe_targets_shows_its_table_in_a_repl_and_when_printed():
     report = describe_targets(build("bert"))
     assert repr(report) == str(report) and repr(report).startswith("module ")
     assert f"{len(report.matched)} of {len(report.layers)} Linear/Conv2d layers targeted" in repr(report)
+
+
+def test_layer_kind_from_names():
+    assert layer_kind("bert.encoder.layer.0.attention.self.query") == "attention"
+    assert layer_kind("bert.encoder.layer.0.attention.output.dense") == "attention"
+    assert layer_kind("bert.encoder.layer.0.intermediate.dense") == "ffn"
+    assert layer_kind("bert.encoder.layer.0.output.dense") == "ffn"
+    assert layer_kind("model.layers.3.self_attn.o_proj") == "attention"
+    assert layer_kind("model.layers.3.mlp.down_proj") == "ffn"
+    assert layer_kind("blocks.2.attn.qkv") == "attention" and layer_kind("blocks.2.mlp.fc1") == "ffn"
+    assert layer_kind("transformer.h.0.mlp.c_proj") == "ffn" and layer_kind("transformer.h.0.attn.c_proj") == "attention"
+    assert layer_kind("features.3.conv") == "other"

@@ -225,7 +225,7 @@ def test_step_times_before_and_after_the_switch():
         controller.step_end(step)
     times = controller.step_times()
     assert controller.switch_step == 5
-    assert len(controller.step_intervals["dense"]) == 4 and len(controller.step_intervals["low_rank"]) == 5
+    assert len(controller.timings.step_intervals["dense"]) == 4 and len(controller.timings.step_intervals["low_rank"]) == 5
     assert times["dense_step_seconds"] == pytest.approx(0.04, abs=0.015)
     assert 1.4 < times["step_speedup"] < 2.6
     report = controller.report

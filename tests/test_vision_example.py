@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import free_port, tiny_hf_deit
 from PIL import Image
 from torch import nn
 
@@ -46,15 +46,6 @@ TINY_DEIT = ["--model", "deit_tiny_patch16_224", "--img-size", "16", "--patch-si
              "--depth", "2", "--num-heads", "2"]
 TINY_HF_DEIT = ["--model", "hf-deit", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2",
                 "--num-heads", "2", "--mlp-ratio", "2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- tiny data ------------------------------------------------------------------------------------------------
@@ -392,14 +383,8 @@ def test_full_rank_conv_factorization_reproduces_resnet18(name):
 
 # -- one source of truth ----------------------------------------------------------------------------------------
 def test_controller_and_trainer_callback_give_the_same_plan(tmp_path):
-    from transformers import DeiTConfig, DeiTForImageClassification, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import TrainerControl, TrainerState
-
-    def tiny_hf_deit() -> nn.Module:
-        torch.manual_seed(0)
-        return DeiTForImageClassification(DeiTConfig(image_size=16, patch_size=4, hidden_size=32,
-                                                     num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=64, num_labels=3))
 
     def drift_(model: nn.Module, step: int) -> None:
         """The same weight trajectory for both models: a rank-1 direction that grows and settles."""
@@ -414,7 +399,8 @@ def test_controller_and_trainer_callback_give_the_same_plan(tmp_path):
     config = CuttlefishConfig(measure_every_steps=1, window=2, min_warmup_measurements=2, eps_relative=0.02,
                               rank_rule="stable_rank")
     total_steps = 40
-    model_a, model_b = tiny_hf_deit(), tiny_hf_deit()
+    model_a = tiny_hf_deit(image_size=16, patch_size=4)
+    model_b = tiny_hf_deit(image_size=16, patch_size=4)  # seeded alike: the same weights
     optimizer_a = torch.optim.AdamW(model_a.parameters(), lr=1e-3)
     optimizer_b = torch.optim.AdamW(model_b.parameters(), lr=1e-3)
     controller = Cuttlefish(model_a, config, total_steps=total_steps, steps_per_epoch=10)
@@ -443,18 +429,12 @@ def test_controller_and_trainer_callback_give_the_same_plan(tmp_path):
 
 
 # -- two processes ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_switch_with_identical_plans(image_folder, tmp_path):
     """torchrun, gloo: rank 0 decides, both processes factorize alike and the re-wrapped DDP keeps them in sync."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(EXAMPLE), "--cpu", "--data-dir", str(image_folder), "--output-dir", str(out),
+               str(free_port()), str(EXAMPLE), "--cpu", "--data-dir", str(image_folder), "--output-dir", str(out),
                "--num-workers", "0", "--batch-size", "4", "--epochs", "4", *TINY_DEIT, "--mode", "cuttlefish",
                "--rank_rule", "stable_rank"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

@@ -20,6 +20,7 @@ from ..config import CuttlefishConfig
 from ..controller import Cuttlefish
 from ..plotting import plot_stable_ranks
 from ..surgery import count_parameters
+from ..tables import render_table
 
 HELP = "vanilla vs Cuttlefish on scikit-learn's digits with a small ViT (offline, a few minutes on 2 CPUs)"
 
@@ -117,13 +118,12 @@ def train_run(mode: str, args: argparse.Namespace) -> tuple[dict, Cuttlefish | N
 
 
 def comparison_table(results: list[dict]) -> str:
-    rows = [("run", "accuracy %", "params", "wall s", "switch epoch")]
+    rows = []
     for result in results:
         switch = result.get("cuttlefish", {}).get("switch_epoch")
         rows.append((result["mode"], f"{result['accuracy']:.2f}", f"{result['params']:,}",
                      f"{result['wall_seconds']:.1f}", "-" if switch is None else f"{switch:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    return render_table(("run", "accuracy %", "params", "wall s", "switch epoch"), rows)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,125 +4,42 @@ Example:
     cuttlefish-hf inspect bert-base-uncased --plot bert_ranks.png
     cuttlefish-hf inspect timm:vit_small_patch16_224 --wide --rule energy
 
-By default the ranks are those of the rule training would use (``rank_rule="auto"``: ``activation_aware`` for
+By default the ranks are those of the rule training would use (``rank_rule="auto"``: ``kind_fractions`` for
 weights that look pretrained, ``scaled_stable_rank`` for a model trained from scratch; the first line says which
 and why) and the table fits 120 columns; ``--wide`` adds every rule's rank. A factorized layer is never given a
 larger rank than it has.
 
 MODEL is a local folder or Hub id (transformers, or timm when config.json has timm's ``architecture``; factorized
 checkpoints saved by cuttlefish_hf included), or ``timm:NAME`` for a timm model built with random weights.
-This module also holds the model loading the other subcommands share.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
-from .. import hub
-from ..activation_aware import decide_ranks_activation_aware
 from ..config import CONFIG_RANK_RULES, CuttlefishConfig
 from ..controller import Cuttlefish
 from ..layers import FactorizedLayer, dense_shape
 from ..plotting import short_names
-from ..rank_rules import RANK_RULES, break_even_rank, rank_from_singular_values, xi_for
-from ..stable_rank import singular_values
+from ..rank_rules import RANK_RULES, break_even_rank, decide_ranks
+from ..stable_rank import singular_values, spectrum_stable_rank
 from ..surgery import count_parameters
+from ..tables import render_table
 from ..targeting import find_targets
+from .arguments import add_model_arguments, load_model
 
 HELP = "per-layer shape, stable rank, the rank training would pick, parameter and FLOP savings"
 
-_HUB_ID = re.compile(r"(hf-hub:)?\w[\w.-]*(/\w[\w.-]*)?")
-
-
-# -- loading MODEL (shared with the profile and merge subcommands) ------------------------------------------------
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 2}}', got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, name: str = "model") -> None:
-    parser.add_argument(name, metavar=name.upper(), help=(
-        "a local folder or Hub id (transformers, or timm when its config.json has 'architecture'), or timm:NAME "
-        "for a timm model with random weights (offline)"))
-    parser.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON", help=(
-        "keyword arguments for timm.create_model with timm:NAME, e.g. '{\"depth\": 2, \"img_size\": 64}'"))
-
-
-def _config_json(spec: str) -> dict[str, Any]:
-    """config.json of a local folder, or fetched from the Hub."""
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{spec} has no config.json, so it is not a saved transformers or timm model.")
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if path.exists() or not _HUB_ID.fullmatch(spec):
-        raise ValueError(f"{spec}: no such folder (and not a Hub id such as 'owner/name'); pass a model folder, a "
-                         "Hub id or timm:NAME.")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(spec.removeprefix("hf-hub:"), "config.json")).read_text())
-    except Exception as error:  # offline, unknown repository, no access: all end the same way for the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{spec} is not a local folder and its config.json could not be fetched from the Hub "
-                         f"({first_line}); pass a model folder or timm:NAME.") from None
-
-
-def load_model(spec: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A transformers or timm model (factorized checkpoints restored) from a folder, Hub id or ``timm:NAME``."""
-    if spec.startswith("timm:"):
-        import timm
-
-        name = spec.removeprefix("timm:")
-        if not timm.is_model(name):
-            raise ValueError(f"timm has no model {name!r}; list them with timm.list_models('*{name[:4]}*').")
-        try:
-            return timm.create_model(name, pretrained=False, **(model_kwargs or {}))
-        except TypeError as error:
-            raise ValueError(f"--model-kwargs do not fit timm model {name!r}: {error}") from None
-    if model_kwargs:
-        raise ValueError("--model-kwargs only applies to timm:NAME models.")
-    config = _config_json(spec)
-    try:
-        if "architecture" in config:  # timm's layout
-            return hub.load_timm(spec)
-        architectures = config.get("architectures") or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        return hub.from_pretrained(model_class or transformers.AutoModel, spec)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"could not load {spec}: {error}") from None
-
-
 # -- the table -------------------------------------------------------------------------------------------------
 WIDTH = 120  # the table's width without --wide
-TABLE_RULES = (*RANK_RULES, "activation_aware")  # the rank columns of --wide
+TABLE_RULES = tuple(RANK_RULES)  # the rank columns of --wide
 
 
 @dataclass
@@ -173,41 +90,27 @@ def _dense_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
 
 def inspect_layers(model: nn.Module, *, energy: float = 0.9, ratio: float = 0.25) -> list[LayerInfo]:
     """Exact spectra of every auto-targeted layer (factorized ones read through their merged weight), ranked by
-    every rule of :data:`RANK_RULES` (``scaled_stable_rank`` with ``xi_reference="auto"``)."""
+    every rule of :data:`RANK_RULES` (``scaled_stable_rank`` with ``xi_reference="auto"``, ``kind_fractions``
+    with the default fractions)."""
     modules = dict(model.named_modules())
     weights = _dense_weights(model, find_targets(model))
-    infos = []
-    for (name, weight), values in zip(weights.items(), singular_values(list(weights.values()))):
-        values = values.cpu()
-        squares = values.double().square()
-        srank = float(squares.sum() / squares[0].clamp_min(1e-300))
-        xi, _ = xi_for((weight.shape[0], weight[0].numel()), srank, "auto")
-        module = modules[name]
-        info = LayerInfo(name, dense_shape(module), srank,
-                         module.rank if isinstance(module, FactorizedLayer) else None, {}, {})
-        for rule in RANK_RULES:
-            info.propose(rule, rank_from_singular_values(values, rule, xi=xi, energy=energy, ratio=ratio))
-        infos.append(info)
-    return infos
-
-
-def add_activation_aware_ranks(model: nn.Module, infos: list[LayerInfo]) -> None:
-    """Add the ``activation_aware`` rule's ranks: each layer keeps the default
-    ``CuttlefishConfig.activation_fractions`` of its parameters, by kind (the rank needs no input statistics;
-    the factors, chosen at the switch, do)."""
-    if infos and "activation_aware" not in infos[0].ranks:
-        weights = _dense_weights(model, [info.name for info in infos])
-        fractions = CuttlefishConfig().activation_fractions
-        decisions = decide_ranks_activation_aware(weights, {}, "fraction", kind_fractions=fractions)
-        for info, decision in zip(infos, decisions):
-            info.propose("activation_aware", decision.rank)
+    spectra = dict(zip(weights, singular_values(list(weights.values()), normalized=True)))
+    stable = {name: spectrum_stable_rank(values) for name, values in spectra.items()}
+    infos = {name: LayerInfo(name, dense_shape(modules[name]), stable[name],
+                             modules[name].rank if isinstance(modules[name], FactorizedLayer) else None, {}, {})
+             for name in weights}
+    for rule in RANK_RULES:
+        for decision in decide_ranks(weights, rule, init_stable_ranks=stable, energy=energy, ratio=ratio,
+                                     spectra=spectra):
+            infos[decision.name].propose(rule, decision.rank)
+    return list(infos.values())
 
 
 def training_rule(model: nn.Module, infos: list[LayerInfo], rule: str = "auto", *, energy: float = 0.9,
                   ratio: float = 0.25) -> tuple[str, str]:
     """The rank rule training with ``CuttlefishConfig(rank_rule=rule)`` would use on ``model``, and why.
 
-    The controller decides (``"auto"``: ``activation_aware`` when the weights look pretrained, else
+    The controller decides (``"auto"``: ``kind_fractions`` when the weights look pretrained, else
     ``scaled_stable_rank``) and its ranks become that rule's in ``infos``. ``"none"``: the model is already
     factorized, and training keeps its ranks.
     """
@@ -217,17 +120,9 @@ def training_rule(model: nn.Module, infos: list[LayerInfo], rule: str = "auto", 
     # The exact srank(W_0) that inspect_layers just computed: spares the controller a second pass of SVDs.
     controller.init_stable_ranks = {info.name: info.stable_rank for info in infos}
     by_name = {info.name: info for info in infos}
-    for decision in controller.decide(covariances={}):  # the activation-aware rank needs no input statistics
+    for decision in controller.decide():  # ranks need no input statistics (the whitened factors would)
         by_name[decision.name].propose(controller.rank_rule, decision.rank)
     return controller.rank_rule, controller.rank_rule_reason
-
-
-def _fit(name: str, width: int) -> str:
-    """``name`` cut in the middle to ``width`` characters (its block index and its own name stay readable)."""
-    if len(name) <= width:
-        return name
-    head = (width - 3) // 3
-    return f"{name[:head]}...{name[len(name) - (width - 3 - head):]}"
 
 
 def format_table(infos: list[LayerInfo], model: nn.Module, rule: str, *, wide: bool = False) -> str:
@@ -253,13 +148,7 @@ def format_table(infos: list[LayerInfo], model: nn.Module, rule: str, *, wide: b
                      rank_cell(info, "none"), *(rank_cell(info, r) for r in rules), rank_cell(info, rule),
                      *((f"{dense:,}",) if wide else ()), f"{info.params(info.rank_now):,}", f"{at:,}",
                      *((f"{2 * (dense - at):,}",) if wide else ())))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    if not wide:
-        widths[0] = max(min(widths[0], WIDTH - sum(widths[1:]) - 2 * (len(header) - 1)), 16)
-        rows = [(_fit(row[0], widths[0]), *row[1:]) for row in rows]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    lines.insert(1, "-" * len(lines[0]))
+    table = render_table(header, rows, max_width=None if wide else WIDTH)  # too wide: names are cut in the middle
 
     now_total = sum(info.params(info.rank_now) for info in infos)
     at_total = sum(info.params(info.rank_at(rule)) for info in infos)
@@ -277,7 +166,7 @@ def format_table(infos: list[LayerInfo], model: nn.Module, rule: str, *, wide: b
                  f"-> {at_total:,} ({dense_total:,} dense); model {model_now:,} -> {model_now - now_total + at_total:,}.")
     notes.append(f"FLOPs per token saved against dense: {2 * (dense_total - at_total):,} (forward: 2 x multiply-adds "
                  "per Linear input row or conv output position).")
-    return "\n".join([*lines, *(textwrap.fill(note, WIDTH) for note in notes)])
+    return "\n".join([table, *(textwrap.fill(note, WIDTH) for note in notes)])
 
 
 def rule_line(rule: str, reason: str, requested: str) -> str:
@@ -295,9 +184,9 @@ def rule_line(rule: str, reason: str, requested: str) -> str:
     if rule == "scaled_stable_rank" and requested == "auto":
         text += (" On the weights at train begin it gives about the full rank: at the switch it follows the stable "
                  "ranks reached by then.")
-    if rule == "activation_aware":
-        text += (" This rule keeps a share of each layer's parameters by kind (CuttlefishConfig."
-                 "activation_fractions); its factors come from input statistics recorded in training.")
+    if rule == "kind_fractions":
+        text += (" This rule keeps a share of each layer's parameters by kind (CuttlefishConfig.kind_fractions); "
+                 "for pretrained weights training starts the factors from input statistics (init='whitened').")
     return textwrap.fill(text, WIDTH)
 
 
@@ -325,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--rule", choices=CONFIG_RANK_RULES, default="auto", help=(
         "the rule whose ranks give the rank and parameter columns (default: auto, the rule training would use: "
-        "activation_aware for pretrained-looking weights, else scaled_stable_rank)"))
+        "kind_fractions for pretrained-looking weights, else scaled_stable_rank)"))
     parser.add_argument("--wide", action="store_true", help=(
         "every column: full layer names, each rule's rank, parameters dense, FLOPs saved (default: fit 120 "
         "columns)"))
@@ -339,11 +228,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--energy and --rank-ratio must be in (0, 1], got {args.energy} and {args.rank_ratio}.")
     model = load_model(args.model, args.model_kwargs)
     infos = inspect_layers(model, energy=args.energy, ratio=args.rank_ratio)
-    rule, reason = training_rule(model, infos, args.rule, energy=args.energy, ratio=args.rank_ratio)
-    if rule == "none" and args.rule != "auto":  # a factorized model: the requested rule's ranks, capped
-        rule = args.rule
-    if args.wide or rule == "activation_aware":
-        add_activation_aware_ranks(model, infos)
+    requested = CuttlefishConfig(rank_rule=args.rule).rank_rule  # 0.1's "activation_aware" is "kind_fractions"
+    rule, reason = training_rule(model, infos, requested, energy=args.energy, ratio=args.rank_ratio)
+    if rule == "none" and requested != "auto":  # a factorized model: the requested rule's ranks, capped
+        rule = requested
     print(rule_line(rule, reason, args.rule))
     print(format_table(infos, model, rule, wide=args.wide))
     if args.plot:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from . import demo, inspect, merge, profile
+from .arguments import positive_int
 
 SUBCOMMANDS = {"inspect": inspect, "profile": profile, "merge": merge, "demo": demo}
 
@@ -31,20 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = subparsers.add_parser(name, help=module.HELP, description=module.__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(subparser)
-        subparser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+        subparser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                                help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores free at "
                                     "start: usable cores minus those busy with other work, at least 1)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def usable_cores() -> int:

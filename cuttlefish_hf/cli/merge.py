@@ -15,16 +15,16 @@ import shutil
 from pathlib import Path
 
 from torch import nn
-from transformers import PreTrainedModel
 
-from .. import hub
+from ..hub.record import is_transformers_model
+from ..hub.remote_code import REMOTE_CODE_FILE, forget_remote_code
 from ..surgery import count_parameters, factorized_plan, merge_
-from .inspect import add_model_arguments, load_model
+from .arguments import add_model_arguments, load_model
 
 HELP = "fold low-rank factors back into dense layers and save a plain checkpoint"
 
 # Files of SRC that describe the factorized model itself: DST gets its own.
-_NOT_COPIED = ("*.safetensors", "*.bin", "*.index.json", "config.json", "README.md", hub.REMOTE_CODE_FILE)
+_NOT_COPIED = ("*.safetensors", "*.bin", "*.index.json", "config.json", "README.md", REMOTE_CODE_FILE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def save_dense(model: nn.Module, folder: Path) -> str:
     """Save with the model's own library; returns which one."""
-    if isinstance(model, PreTrainedModel):
-        hub.forget_remote_code(model.config)
+    if is_transformers_model(model):
+        forget_remote_code(model.config)
         model.save_pretrained(folder)  # merged: the Cuttlefish record leaves config.json
         return "transformers"
     from timm.models import save_for_hf

@@ -22,7 +22,8 @@ from ..layers import dense_shape
 from ..profiling import profile_layers
 from ..rank_rules import RANK_RULES
 from ..targeting import block_indices
-from .inspect import add_model_arguments, inspect_layers, load_model, positive_int
+from .arguments import add_model_arguments, load_model, positive_int
+from .inspect import inspect_layers
 
 HELP = "time dense vs factorized forward+backward per layer; show which layers to keep full-rank"
 

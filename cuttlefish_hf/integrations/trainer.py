@@ -19,9 +19,10 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import hub
 from ..config import CuttlefishConfig
 from ..controller import Cuttlefish, SwitchResult
+from ..hub.card import write_model_card
+from ..hub.remote_code import write_remote_code
 from ..layers import FactorizedLayer
 from ..logging_utils import get_logger
 from ..serialization import factorize_for_state_dict_
@@ -268,14 +269,14 @@ class CuttlefishTrainer(Trainer):
             summary = controller.summary()
             notes = {key: summary[key]
                      for key in ("mode", "rank_rule", "rank_rule_reason", "switch_step", "switch_epoch")}
-            hub.write_model_card(self.model, self.args.output_dir, notes, repo_id=self.hub_model_id)
+            write_model_card(self.model, self.args.output_dir, notes, repo_id=self.hub_model_id)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save, plus ``modeling_cuttlefish.py`` and ``auto_map`` (the card's trust_remote_code route)."""
         super()._save(output_dir, state_dict)
         model = unwrap_compiled(self.accelerator.unwrap_model(self.model))
         if self.args.should_save and isinstance(model, PreTrainedModel) and factorized_plan(model):
-            hub.write_remote_code(model, output_dir or self.args.output_dir)
+            write_remote_code(model, output_dir or self.args.output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         self.cuttlefish.resume_folder = checkpoint
