@@ -138,3 +138,44 @@ def test_the_import_graph_check_sees_upward_imports():
         (1, "from cuttlefish_hf import __version__"), (3, "import cuttlefish_hf")]
     assert upward_imports("cuttlefish_hf.surgery", "from . import __version__, tracker, stable_rank\n") == [
         (1, "from cuttlefish_hf import __version__"), (1, "from cuttlefish_hf import stable_rank")]
+
+
+# The floors of ../shared/ARCHITECTURE.md: a module imports only from its own floor or below (a package's
+# modules sit on the package's floor). Leaves may use leaves; what matters is that nothing points up.
+FLOORS = {
+    "_version": 1, "logging_utils": 1, "config": 1, "stable_rank": 1, "tracker": 1, "layers": 1, "targeting": 1,
+    "optim": 1, "whitening": 1, "plotting": 1, "tables": 1,
+    "rank_rules": 2, "inits": 2, "statistics": 2, "surgery": 2, "profiling": 2, "serialization": 2, "timings": 2,
+    "planning": 3, "hub": 3,
+    "controller": 4,
+    "integrations": 5, "cli": 5,
+}
+
+
+def package_imports() -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}``, anywhere in its source (imports inside functions too),
+    modules named by their first part below ``cuttlefish_hf`` (``hub.card`` -> ``hub``)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "__init__.py":
+            continue
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        package = parts[:-1] if parts[-1] == "__init__" else parts[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(package[: len(package) - (node.level - 1)])
+                names = [*base, *(node.module.split(".") if node.module else [])]
+                targets.update(names[:1] or [alias.name for alias in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cuttlefish_hf."):
+                targets.add(node.module.split(".")[1])
+        graph[parts[0]] = graph.get(parts[0], set()) | (targets - {parts[0]})
+    return graph
+
+
+def test_no_module_imports_from_a_floor_above_it():
+    graph = package_imports()
+    assert set(graph) == set(FLOORS), "a module was added or removed: give it a floor here and in ARCHITECTURE.md"
+    upward = {(module, target) for module, targets in graph.items() for target in targets
+              if FLOORS[target] > FLOORS[module]}
+    assert upward == set()
