@@ -289,7 +289,8 @@ class CuttlefishConfig:
         self.rank_pattern = _json_from_text("rank_pattern", self.rank_pattern, '\'{"output.dense": 64}\'')
         if self.rank_pattern is None:
             self.rank_pattern = {}
-        self.kind_fractions = _json_from_text("kind_fractions", self.kind_fractions, '\'{"attention": 0.5, "ffn": 0.8}\'')
+        self.kind_fractions = _json_from_text("kind_fractions", self.kind_fractions,
+                                              '\'{"attention": 0.5, "ffn": 0.8}\'')
         if self.kind_fractions is None:
             self.kind_fractions = dict(DEFAULT_KIND_FRACTIONS)
         if isinstance(self.skip_first_blocks, str):

@@ -221,8 +221,9 @@ def decide_ranks(
 
     Rules that read spectra get exact singular values (batched by shape; pass ``spectra``, normalized and
     descending, to reuse ones already computed); rules that read none take no SVD, and the decisions' stable ranks
-    (for the report) are ``measured_stable_ranks`` (e.g. the meter's, at the switch) or exact ones. ``rank_overrides`` (from ``rank_pattern``) replace the rule's
-    rank for the named layers; the rule's ranks are rounded by :func:`round_rank`. A layer whose rank reaches :func:`break_even_rank` is marked
+    (for the report) are ``measured_stable_ranks`` (e.g. the meter's, at the switch) or exact ones.
+    ``rank_overrides`` (from ``rank_pattern``) replace the rule's rank for the named layers; the rule's ranks are
+    rounded by :func:`round_rank`. A layer whose rank reaches :func:`break_even_rank` is marked
     ``factorize=False``. NaN/inf weights raise a ValueError naming them.
     """
     if rule not in RANK_RULES:

@@ -28,7 +28,8 @@ CASES = {
                                                      "per_device_train_batch_size": 8}),
     "callback-wd0": (Trainer, {}, {}),
     "callback-accumulation": (Trainer, {}, {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 8}),
-    "trainer-whitened": (CuttlefishTrainer, {"rank_rule": "kind_fractions", "init": "whitened"}, {"weight_decay": 0.01}),
+    "trainer-whitened": (CuttlefishTrainer, {"rank_rule": "kind_fractions", "init": "whitened"},
+                         {"weight_decay": 0.01}),
 }
 
 
