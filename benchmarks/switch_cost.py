@@ -1,8 +1,9 @@
 """Seconds one Cuttlefish switch takes on BERT-base's encoder (72 matrices), by rank rule, on this machine.
 
-The switch at a measurement point (the meter just ran, as in training): deciding the ranks (a rule that reads
-spectra takes an exact SVD of every matrix; fixed_ratio and kind_fractions take none), then building the factors
-(one truncated decomposition per layer) and swapping the layers. Random-init weights, no downloads.
+The switch as training makes it, at a measurement point that reaches the warm-up bound (``step_end``): the meter
+measures, then the switch decides the ranks (a rule that reads spectra takes the singular values of every matrix;
+fixed_ratio and kind_fractions take none and report the meter's stable ranks), builds the factors (one truncated
+decomposition per layer, ``layers.truncated_svd``) and swaps the layers. Random-init weights, no downloads.
 
     python benchmarks/switch_cost.py                       # fixed_ratio 1/4 (the #14 target) and stable_rank
     python benchmarks/switch_cost.py --rules fixed_ratio --repeats 3
@@ -31,19 +32,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def one_switch(rule: str, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     model = BertModel(BertConfig(), add_pooling_layer=False)
-    controller = Cuttlefish(model, CuttlefishConfig(rank_rule=rule, init="svd", rank_ratio=0.25), total_steps=100)
+    config = CuttlefishConfig(rank_rule=rule, init="svd", rank_ratio=0.25, measure_every_steps=50,
+                              max_warmup_fraction=0.5, skip_first_blocks=0)
+    controller = Cuttlefish(model, config, total_steps=100)
     controller.begin()
-    controller.measure()  # a measurement point: the meter's vectors are warm, as at a switch in training
-    measured = controller.timings.measure_seconds
     start = time.perf_counter()
-    decisions = controller.decide()
-    decide_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    result = controller.switch(step=50)
-    switch_seconds = time.perf_counter() - start
-    return {"decide_seconds": decide_seconds, "switch_seconds": switch_seconds,
-            "factorize_seconds": switch_seconds - decide_seconds, "measure_seconds_before": measured,
-            "layers": len(result.report.layers), "decided_layers": len(decisions)}
+    result = controller.step_end(50)
+    step_end_seconds = time.perf_counter() - start
+    assert result is not None and controller.switch_step == 50
+    return {"switch_seconds": controller.timings.surgery_seconds, "measure_seconds": controller.timings.measure_seconds,
+            "step_end_seconds": step_end_seconds, "layers": len(result.report.layers)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {rule: [one_switch(rule, seed) for seed in range(args.repeats)] for rule in args.rules}
     summary = {rule: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for rule, rows in runs.items()}
     for rule, row in summary.items():
-        print(f"{rule:>20}: switch {row['switch_seconds']:.2f} s (deciding {row['decide_seconds']:.2f} s, "
-              f"factors and swap {row['factorize_seconds']:.2f} s), {row['layers']:.0f} layers factorized")
+        print(f"{rule:>20}: switch {row['switch_seconds']:.2f} s (after the measurement's "
+              f"{row['measure_seconds']:.2f} s), {row['layers']:.0f} layers factorized")
     record = {"model": "bert-base encoder (BertConfig() defaults, random init), rank_ratio 0.25, init svd",
               "median_of": args.repeats, "summary": summary, "runs": runs,
               "command": "python benchmarks/switch_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -228,14 +228,15 @@ class Cuttlefish:
             return None
         if self.init_stable_ranks is None:
             self.begin()
-        self.tracker.update(self.measure())
+        stable_ranks_now = self.measure()
+        self.tracker.update(stable_ranks_now)
         self.measured_steps.append(step)
         settled = self.config.mode == "cuttlefish" and _from_rank_zero(self.tracker.should_switch())
         if settled and not self._steps_left(step):
             logger.warning("Cuttlefish: the stable ranks settled only at the last step (%d); no step is left to "
                            "train at low rank, so the model stays dense.", step)
         if self._bound_reached(step) or (settled and self._steps_left(step)):
-            return self.switch(step, optimizer, scheduler)
+            return self.switch(step, optimizer, scheduler, stable_ranks_now=stable_ranks_now)
         if self.activations is not None:
             self.activations.reset()  # the switch uses the statistics of the period just before it
         return None
@@ -271,13 +272,16 @@ class Cuttlefish:
         return self._on_measurement_point(step, optimizer, scheduler)
 
     # -- the switch -----------------------------------------------------------------------------------
-    def decide(self) -> list[RankDecision]:
+    def decide(self, *, stable_ranks_now: dict[str, float] | None = None) -> list[RankDecision]:
         """Each target's rank under the resolved rank rule, from the weights now (rank 0's under DDP). Rules
-        that read no spectrum get the report's stable ranks from the meter (warm-started: no SVD)."""
+        that read no spectrum take no SVD: the report's stable ranks are ``stable_ranks_now`` (the meter's, when
+        it has just measured these weights) or a new measurement (warm-started)."""
         self._resolve_method()
         weights = self._weights()
         check_finite(weights, "choosing ranks")
-        measured = None if RANK_RULES[self.method.rank_rule].reads_spectrum else self.measure()
+        measured = None
+        if not RANK_RULES[self.method.rank_rule].reads_spectrum:
+            measured = self.measure() if stable_ranks_now is None else stable_ranks_now
         return _from_rank_zero(plan_switch(weights, self.config, self.method,
                                            init_stable_ranks=self.init_stable_ranks, measured_stable_ranks=measured))
 
@@ -298,8 +302,10 @@ class Cuttlefish:
                            "the whitened init falls back to plain SVD factors.")
         return covariances
 
-    def switch(self, step: int, optimizer=None, scheduler=None) -> SwitchResult:
-        """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state.
+    def switch(self, step: int, optimizer=None, scheduler=None, *,
+               stable_ranks_now: dict[str, float] | None = None) -> SwitchResult:
+        """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state
+        (``stable_ranks_now``: see :meth:`decide`).
 
         When no layer is worth factorizing the model stays dense (with a warning) and nothing is measured
         any more; :attr:`switched` stays False."""
@@ -308,7 +314,7 @@ class Cuttlefish:
         start = time.perf_counter()
         self._resolve_method()
         covariances = self._recorded_covariances()  # before profiling runs layers
-        self.decisions = self.decide()
+        self.decisions = self.decide(stable_ranks_now=stable_ranks_now)
         if self.config.resolved_skip_first_blocks == "auto":
             self.decisions = keep_dense(self.decisions, self._slow_layers(self.decisions))
         plan = {d.name: d.rank for d in self.decisions if d.factorize}

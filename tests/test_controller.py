@@ -49,6 +49,9 @@ def test_begin_resolves_the_method_once_and_the_switch_applies_plan_switch(monke
         ("query", "key", "value", "dense")) and name.startswith("bert.encoder")}
     config = CuttlefishConfig(**SETTLES_AT_STEP_3)
     controller = Cuttlefish(model, config, total_steps=10)
+    measurements = []
+    measure = controller.meter.measure
+    monkeypatch.setattr(controller.meter, "measure", lambda weights: measurements.append(1) or measure(weights))
     controller.begin()
     assert controller.rank_rule == "fixed_ratio" and controller.method.init == "svd" and not controller.decided
     for step in (1, 2):
@@ -56,6 +59,7 @@ def test_begin_resolves_the_method_once_and_the_switch_applies_plan_switch(monke
     result = controller.step_end(3)
     assert result is not None and result.step == controller.switch_step == 3 and controller.switched
     assert len(resolutions) == 1  # not again at the measurements, decide() or the switch
+    assert len(measurements) == 3  # the report's stable ranks are step 3's measurement, not a fourth
     expected = {d.name: d.rank for d in plan_switch(weights, config, controller.method) if d.factorize}
     assert expected and controller.report.plan == expected == factorized_plan(model)
     assert controller.step_end(4) is None and controller.switch_step == 3  # one switch per model

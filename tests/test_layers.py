@@ -13,6 +13,7 @@ from cuttlefish_hf.layers import (
     dense_shape,
     full_rank,
     svd_factors,
+    truncated_svd,
 )
 
 
@@ -272,3 +273,41 @@ def test_frobenius_decay_scales_linearly():
     layer.second.weight.grad.zero_()
     layer.add_frobenius_decay_grad_(2.5)
     assert torch.allclose(layer.first.weight.grad, 2.5 * once, rtol=1e-6)
+
+
+def _matrix(shape: tuple[int, int], spectrum: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    m, n = shape
+    if spectrum == "zero":
+        return torch.zeros(shape)
+    u, _ = torch.linalg.qr(torch.randn(m, min(shape), generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n, min(shape), generator=generator))
+    values = {"random": torch.linalg.svdvals(torch.randn(shape, generator=generator)),
+              "decaying": 0.7 ** torch.arange(min(shape), dtype=torch.float32),  # pretrained-like
+              "rank_deficient": (torch.arange(min(shape)) < 3).float()}[spectrum]
+    return (u * values) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
+@pytest.mark.parametrize("spectrum", ["random", "decaying", "rank_deficient", "zero"])
+def test_truncated_svd_is_the_exact_truncation(shape, spectrum, monkeypatch):
+    matrix = _matrix(shape, spectrum)
+    rank = min(shape) // 4
+    exact = torch.linalg.svdvals(matrix.double())
+    if spectrum in ("random", "decaying"):  # the Gram path: no full SVD taken
+        monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: pytest.fail("took the full SVD"))
+    u, s, vh = truncated_svd(matrix, rank)
+    assert u.shape == (shape[0], rank) and s.shape == (rank,) and vh.shape == (rank, shape[1])
+    optimal = exact[rank:].square().sum().sqrt()
+    error = torch.linalg.norm(matrix.double() - ((u * s) @ vh).double())
+    assert error <= optimal * (1 + 1e-4) + 1e-6 * exact[0]
+    torch.testing.assert_close(s.double(), exact[:rank], rtol=1e-4, atol=1e-6 * float(exact[0]))
+
+
+def test_svd_factors_take_the_gram_path_at_any_scale():
+    matrix = _matrix((64, 32), "decaying") * 1e37  # the fp32 Gram matrix of this would overflow unscaled
+    first, second = svd_factors(matrix, 8)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    exact = torch.linalg.svdvals(matrix.double())
+    error = torch.linalg.norm(matrix.double() - (second @ first).double())
+    assert error <= exact[8:].square().sum().sqrt() * (1 + 1e-4)
