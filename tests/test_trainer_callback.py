@@ -66,10 +66,10 @@ def test_optimizer_state_and_learning_rate_survive_the_switch(tmp_path, monkeypa
     seen = {}
     original = Cuttlefish.switch
 
-    def spy(self, step, optimizer=None, scheduler=None):
+    def spy(self, step, optimizer=None, scheduler=None, **kwargs):
         inner = optimizer.optimizer
         seen["before"] = {p: {k: v.clone() for k, v in inner.state[p].items()} for p in inner.state}
-        result = original(self, step, optimizer, scheduler)
+        result = original(self, step, optimizer, scheduler, **kwargs)
         seen["after"] = {p: {k: v.clone() for k, v in inner.state[p].items()} for p in inner.state}
         seen["removed"] = result.removed_parameters
         seen["lrs"] = [group["lr"] for group in inner.param_groups]
