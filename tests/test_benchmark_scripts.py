@@ -1,4 +1,5 @@
-"""benchmarks/pretrained_rank_rules.py end to end on a tiny slice: one candidate at one fraction, then collect."""
+"""Benchmark scripts end to end on tiny inputs: pretrained_rank_rules.py (one candidate at one fraction, then
+collect) and inference.py (a tiny BERT, eager)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "debian-sections"
 
 
-def load_driver():
-    spec = importlib.util.spec_from_file_location("pretrained_rank_rules", REPO / "benchmarks" /
-                                                  "pretrained_rank_rules.py")
+def load_driver(name: str = "pretrained_rank_rules"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["pretrained_rank_rules"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -42,3 +42,16 @@ def test_pretrained_rank_rules_smoke(tmp_path):
     assert payload["summary"]["kind_svd"]["0.50"]["seeds"] == [7]
     assert results.with_suffix(".png").stat().st_size > 0
     assert str(REPO) not in results.read_text()
+
+
+def test_inference_benchmark_smoke(tmp_path):
+    output = tmp_path / "inference.json"
+    result = load_driver("inference").main(["--model", "tiny-bert", "--no-compile", "--repeats", "2",
+                                            "--output", str(output)])
+    assert result["factorized_layers"] == 12  # 2 blocks x (q, k, v, attention output, FFN in, FFN out)
+    assert result["params"]["factorized"] < result["params"]["dense"]
+    assert result["flop_ideal_speedup_of_targeted_layers"] > 2  # ranks 16 of 64
+    assert set(result["speedup"]) == {"eager"} and result["speedup"]["eager"] > 0
+    assert 0 < result["dense"]["eager"]["min_seconds"] <= result["dense"]["eager"]["median_seconds"]
+    text = output.read_text()
+    assert json.loads(text)["command"].startswith("python benchmarks/inference.py") and str(REPO) not in text
