@@ -344,6 +344,11 @@ class Cuttlefish:
             self.timings.profile_seconds = self.profile_report.seconds
             logger.log(self.log_level, "Cuttlefish timed the planned layers (skip_first_blocks='auto'):\n%s",
                        self.profile_report)
+            if self.profile_report.faults:
+                logger.warning("Cuttlefish: %d layers timed faster than their FLOP ideal (%s); the keep-dense "
+                               "decisions rest on noisy timings. Profile on a quiet machine, or set "
+                               "skip_first_blocks to a number.", len(self.profile_report.faults),
+                               ", ".join(self.profile_report.faults[:3]))
             slow = self.profile_report.keep_dense
         return _from_rank_zero(slow)
 

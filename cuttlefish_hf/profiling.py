@@ -6,9 +6,14 @@ factorization at the planned rank, on synthetic inputs of the run's size, and a 
 factorized form takes at most ``(1 - margin)`` of the dense time. Per layer rather than "the first K blocks"
 because a slow layer late in the network gains nothing from factorization either (see ``CUTTLEFISH.md`` 5).
 
-Each timing is a median over ``repeats`` after ``warmup`` calls; on CUDA every window is synchronized and holds
-enough calls to last about 10 ms, so launch overhead and timer resolution do not decide. Results are cached by
-``(device, dtype, layer, input shape, rank)``: equal layers (the 12 blocks of BERT) are measured once.
+The dense and the factorized layer are timed side by side, alternately (``warmup`` pairs, then ``repeats``
+timed pairs), so that a machine that slows down or speeds up during profiling shifts both and not the
+comparison; each time is the median of its ``repeats`` (outliers do not move it), and the spread of the pairs'
+speed-ups is reported. A speed-up above the layer's FLOP ideal (dense over factorized multiply-adds) is not
+physics but a measurement fault: it is flagged, in the table and in :attr:`ProfileReport.faults`. On CUDA every
+window is synchronized and holds enough calls to last about 10 ms, so launch overhead and timer resolution do
+not decide. Results are cached by ``(device, dtype, layer, input shape, rank)``: equal layers (the 12 blocks of
+BERT) are measured once.
 
 Example:
     >>> model = nn.Sequential(nn.Sequential(nn.Linear(1024, 1024)), nn.Sequential(nn.Linear(64, 64)))
@@ -32,8 +37,8 @@ from torch import nn
 from .layers import FactorizedLayer, dense_shape, factorized_like, is_factorizable
 from .tables import render_table
 
-__all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "profile_layers",
-           "synthetic_input_shape"]
+__all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "flop_ideal",
+           "profile_layers", "synthetic_input_shape"]
 
 # Tokens (rows of a Linear's input, or spatial positions of a conv's input) per batch when the run's are unknown:
 # e.g. batch 32 x 128 tokens of text, or batch 16 x 256 patches (a 224px ViT-B/14).
@@ -42,7 +47,17 @@ DEFAULT_TOKENS_PER_BATCH = 4096
 Timer = Callable[[Callable[[], None], nn.Module], float]
 """``timer(run, module) -> seconds`` of one call of ``run`` (forward+backward of ``module``)."""
 
-_CACHE: dict[tuple, float] = {}  # the process-wide cache used when profile_layers gets none
+_CACHE: dict[tuple, tuple[float, float, float]] = {}  # the process-wide cache used when profile_layers gets none
+
+# A speed-up this far above the FLOP ideal is a measurement fault rather than a cache effect.
+FAULT_TOLERANCE = 0.1
+
+
+def flop_ideal(shape: Sequence[int], rank: int) -> float:
+    """Dense over factorized multiply-adds of a layer of weight shape ``(out, in[, k, k])`` at ``rank``:
+    ``m*n / (rank*(m+n))`` with ``m = out``, ``n = in*k*k`` (per output position, for a conv)."""
+    m, n = shape[0], math.prod(shape[1:])
+    return m * n / (rank * (m + n))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -98,10 +113,21 @@ class LayerTiming:
     dense_ms: float
     factorized_ms: float
     keep_dense: bool
+    spread: float = 0.0  # (max - min) / median of the timed pairs' speed-ups
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / max(self.factorized_ms, 1e-12)
+
+    @property
+    def ideal(self) -> float:
+        """The FLOP-ideal speed-up at this rank."""
+        return flop_ideal(self.shape, self.rank)
+
+    @property
+    def fault(self) -> bool:
+        """Whether the measured speed-up exceeds the FLOP ideal (by more than :data:`FAULT_TOLERANCE`)."""
+        return self.speedup > self.ideal * (1 + FAULT_TOLERANCE)
 
 
 @dataclass
@@ -113,7 +139,7 @@ class ProfileReport:
     device: str = "cpu"
     dtype: str = "float32"
     seconds: float = 0.0  # wall time profile_layers took, measuring and cache look-ups included
-    measured: int = 0  # timings run (the others came from the cache)
+    measured: int = 0  # (layer, rank) pairs timed, dense and factorized side by side (the others: the cache)
     cached: int = 0
 
     @property
@@ -121,17 +147,27 @@ class ProfileReport:
         """Layers whose factorization is not faster by the margin: leave them full-rank."""
         return [layer.name for layer in self.layers if layer.keep_dense]
 
+    @property
+    def faults(self) -> list[str]:
+        """Layers whose measured speed-up is above the FLOP ideal: their timings are not to be trusted."""
+        return [layer.name for layer in self.layers if layer.fault]
+
     def __str__(self) -> str:
-        header = ("layer", "shape", "input", "rank", "dense ms", "factorized ms", "speedup", "decision")
+        header = ("layer", "shape", "input", "rank", "dense ms", "factorized ms", "speedup", "spread", "ideal",
+                  "decision")
         rows = [(t.name, "x".join(map(str, t.shape)), "x".join(map(str, t.input_shape)), t.rank, f"{t.dense_ms:.3f}",
-                 f"{t.factorized_ms:.3f}", f"{t.speedup:.2f}x", "keep dense" if t.keep_dense else "factorize")
+                 f"{t.factorized_ms:.3f}", f"{t.speedup:.2f}x", f"{t.spread:.0%}", f"{t.ideal:.2f}x",
+                 ("keep dense" if t.keep_dense else "factorize") + (" (above ideal: measurement fault)" if t.fault
+                                                                     else ""))
                 for t in self.layers]
+        faults = (f"; {len(self.faults)} speed-ups above the FLOP ideal: a measurement fault (a busy machine, "
+                  f"or a timer that does not see the device's work)" if self.faults else "")
         return "\n".join([
-            render_table(header, rows, align="lrrrrrrl"),
+            render_table(header, rows, align="lrrrrrrrrl"),
             (f"forward+backward on {self.device} in {self.dtype}; a layer is factorized when it takes at most "
-             f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g})"),
+             f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g}){faults}"),
             (f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took {self.seconds:.2f}s "
-             f"({self.measured} timings measured, {self.cached} from the cache)")])
+             f"({self.measured} layers timed, {self.cached} from the cache)")])
 
 
 def synthetic_input_shape(module: nn.Module, tokens_per_batch: int) -> tuple[int, ...]:
@@ -178,9 +214,9 @@ def _build(module: nn.Module, rank: int | None, extra_bn: bool, device: torch.de
                      dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode, device=device, dtype=dtype)
 
 
-def _median_seconds(layer: nn.Module, input_shape: Sequence[int], timer: Timer, repeats: int, warmup: int,
-                    device: torch.device, dtype: torch.dtype) -> float:
-    """Median seconds of forward+backward of ``layer`` (gradients for its input and parameters)."""
+def _forward_backward(layer: nn.Module, input_shape: Sequence[int], device: torch.device,
+                      dtype: torch.dtype) -> Callable[[], None]:
+    """A closure running forward+backward of ``layer`` (gradients for its input and parameters)."""
     x = torch.randn(*input_shape, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         grad = torch.randn_like(layer(x))
@@ -192,9 +228,22 @@ def _median_seconds(layer: nn.Module, input_shape: Sequence[int], timer: Timer, 
             parameter.grad = None
         layer(x).backward(grad)
 
+    return run
+
+
+def _paired_seconds(dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int], timer: Timer,
+                    repeats: int, warmup: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """Median seconds of the dense and the factorized layer, timed alternately, and the spread of the pairs'
+    speed-ups (``(max - min) / median``)."""
+    runs = [(_forward_backward(layer, input_shape, device, dtype), layer) for layer in (dense, factorized)]
     for _ in range(warmup):
-        timer(run, layer)
-    return statistics.median(timer(run, layer) for _ in range(repeats))
+        for run, layer in runs:
+            timer(run, layer)
+    pairs = [tuple(timer(run, layer) for run, layer in runs) for _ in range(repeats)]
+    speedups = [d / max(f, 1e-12) for d, f in pairs]
+    median = statistics.median(speedups)
+    return (statistics.median(d for d, _ in pairs), statistics.median(f for _, f in pairs),
+            (max(speedups) - min(speedups)) / max(median, 1e-12))
 
 
 def profile_layers(
@@ -258,19 +307,16 @@ def profile_layers(
         shape = tuple(input_shapes[name]) if input_shapes and name in input_shapes else \
             synthetic_input_shape(module, tokens_per_batch)
         layer_timer = timer or timers.setdefault(layer_device, SynchronizedTimer(layer_device))
-        milliseconds = []
-        for planned in (None, rank):
-            key = (str(layer_device), str(layer_dtype), _signature(module), shape, planned,
-                   extra_bn and planned is not None)
-            if key not in cache:
-                layer = _build(module, planned, extra_bn, layer_device, layer_dtype)
-                cache[key] = _median_seconds(layer, shape, layer_timer, repeats, warmup, layer_device, layer_dtype)
-                report.measured += 1
-            else:
-                report.cached += 1
-            milliseconds.append(1000 * cache[key])
-        dense_ms, factorized_ms = milliseconds
+        key = (str(layer_device), str(layer_dtype), _signature(module), shape, rank, extra_bn)
+        if key not in cache:
+            cache[key] = _paired_seconds(_build(module, None, extra_bn, layer_device, layer_dtype),
+                                         _build(module, rank, extra_bn, layer_device, layer_dtype), shape,
+                                         layer_timer, repeats, warmup, layer_device, layer_dtype)
+            report.measured += 1
+        else:
+            report.cached += 1
+        dense_ms, factorized_ms, spread = 1000 * cache[key][0], 1000 * cache[key][1], cache[key][2]
         report.layers.append(LayerTiming(name, dense_shape(module), rank, shape, dense_ms, factorized_ms,
-                                         keep_dense=factorized_ms > (1 - margin) * dense_ms))
+                                         keep_dense=factorized_ms > (1 - margin) * dense_ms, spread=spread))
     report.seconds = time.perf_counter() - start
     return report

@@ -61,13 +61,29 @@ def test_exactly_at_the_margin_factorizes():
     assert report.keep_dense == []
 
 
-def test_median_of_repeats_after_warmup():
-    values = iter([100.0, 100.0, 1.0, 9.0, 2.0,     # dense: two warm-ups, then 1, 9, 2 -> median 2
-                   100.0, 100.0, 3.0, 3.0, 50.0])   # factorized: median 3
-    report = profile_layers(blocks((16, 8)), {"0.0": 2}, timer=lambda run, module: next(values), warmup=2,
-                            repeats=3, cache={})
-    assert (report.layers[0].dense_ms, report.layers[0].factorized_ms) == (2000.0, 3000.0)
-    assert report.keep_dense == ["0.0"]
+def test_dense_and_factorized_alternate_and_each_takes_the_median_of_its_repeats():
+    order, values = [], iter([100.0, 100.0, 100.0, 100.0,  # two warm-up pairs
+                              1.0, 3.0, 9.0, 3.0, 2.0, 50.0])  # timed pairs: dense 1, 9, 2 (median 2); factorized 3
+    def timer(run, module):
+        order.append("factorized" if isinstance(module, FactorizedLayer) else "dense")
+        return next(values)
+
+    report = profile_layers(blocks((16, 8)), {"0.0": 2}, timer=timer, warmup=2, repeats=3, cache={})
+    assert order == ["dense", "factorized"] * 5  # a machine that drifts shifts both sides of each pair
+    layer = report.layers[0]
+    assert (layer.dense_ms, layer.factorized_ms) == (2000.0, 3000.0) and report.keep_dense == ["0.0"]
+    speedups = sorted([1 / 3, 9 / 3, 2 / 50])
+    assert layer.spread == pytest.approx((speedups[-1] - speedups[0]) / speedups[1])
+
+
+def test_a_speedup_above_the_flop_ideal_is_flagged_as_a_measurement_fault():
+    # 8x16 at rank 2: 128 multiply-adds per row dense, 2 * 24 = 48 factorized -> ideal 2.67x.
+    timer = FakeTimer({(8, None): 1.0, (8, 2): 0.25})  # 4x: impossible
+    report = profile_layers(blocks((16, 8)), {"0.0": 2}, timer=timer, cache={})
+    assert report.layers[0].ideal == pytest.approx(128 / 48) and report.faults == ["0.0"]
+    assert "measurement fault" in str(report) and "2.67x" in str(report)
+    fine = profile_layers(blocks((16, 8)), {"0.0": 2}, timer=FakeTimer({(8, None): 1.0, (8, 2): 0.5}), cache={})
+    assert fine.faults == [] and "fault" not in str(fine)
 
 
 def test_cache_avoids_measuring_again():
@@ -75,18 +91,18 @@ def test_cache_avoids_measuring_again():
     timer = FakeTimer({(8, None): 1.0, (8, 2): 0.5, (8, 3): 0.6})
     cache: dict = {}
     first = profile_layers(model, {"0.0": 2, "1.0": 2, "2.0": 2}, timer=timer, cache=cache, warmup=1, repeats=2)
-    assert timer.calls == 2 * 3  # equal layers: one dense and one factorized measurement, 3 timer calls each
-    assert (first.measured, first.cached) == (2, 4)
+    assert timer.calls == 2 * 3  # equal layers: timed once, dense and factorized, 3 timer calls each
+    assert (first.measured, first.cached) == (1, 2)
     second = profile_layers(model, {"0.0": 2, "1.0": 2, "2.0": 2}, timer=timer, cache=cache, warmup=1, repeats=2)
-    assert timer.calls == 6 and (second.measured, second.cached) == (0, 6)
+    assert timer.calls == 6 and (second.measured, second.cached) == (0, 3)
     assert [(t.dense_ms, t.factorized_ms) for t in second.layers] == [(t.dense_ms, t.factorized_ms)
                                                                      for t in first.layers]
-    profile_layers(model, {"0.0": 3}, timer=timer, cache=cache, warmup=1, repeats=2)  # new rank: dense is cached
-    assert timer.calls == 6 + 3
+    profile_layers(model, {"0.0": 3}, timer=timer, cache=cache, warmup=1, repeats=2)  # new rank: a new pair
+    assert timer.calls == 6 + 6
     profile_layers(model, {"0.0": 2}, timer=timer, cache=cache, warmup=1, repeats=2, dtype=torch.float64)
-    assert timer.calls == 9 + 6  # another dtype: both measured again
+    assert timer.calls == 12 + 6  # another dtype: measured again
     profile_layers(model, {"0.0": 2}, timer=timer, cache=cache, warmup=1, repeats=2, tokens_per_batch=8)
-    assert timer.calls == 15 + 6  # another input size too
+    assert timer.calls == 18 + 6  # another input size too
 
 
 def test_input_shapes_and_convs():
@@ -176,6 +192,19 @@ def test_controller_auto_keeps_slow_layers_dense(monkeypatch):
     restored = Cuttlefish(model, config)
     restored.load_state_dict(controller.state_dict())
     assert restored.timings.profile_seconds == controller.timings.profile_seconds
+
+
+def test_controller_warns_when_timings_beat_the_flop_ideal(monkeypatch, caplog):
+    timer = FakeTimer({(32, None): 1.0, (32, 8): 0.01, (64, None): 1.0, (64, 8): 0.5})  # 100x at an ideal of 2-2.7x
+    monkeypatch.setattr(controller_module, "profile_layers", functools.partial(profile_layers, timer=timer, cache={}))
+    config = CuttlefishConfig(skip_first_blocks="auto", rank_rule="fixed_ratio", rank_ratio=0.25,
+                              profile_tokens_per_batch=16)
+    controller = Cuttlefish(tiny_bert(), config)
+    controller.begin()
+    with caplog.at_level("WARNING", logger="cuttlefish_hf.controller"):
+        controller.switch(1)
+    assert len(controller.profile_report.faults) == 10
+    assert "10 layers timed faster than their FLOP ideal" in caplog.text and "quiet machine" in caplog.text
 
 
 def test_controller_without_auto_does_not_profile(monkeypatch):
