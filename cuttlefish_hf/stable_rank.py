@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 __all__ = ["as_matrix", "check_finite", "spectrum_stable_rank", "stable_rank", "stable_ranks", "singular_values",
-           "StableRankMeter"]
+           "top_right_singular_vectors", "StableRankMeter"]
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -78,6 +78,16 @@ def singular_values(weights: Sequence[torch.Tensor], *, normalized: bool = False
     return result
 
 
+def top_right_singular_vectors(matrices: torch.Tensor) -> torch.Tensor:
+    """``(B, n)``: the top right singular vector of each of ``(B, m, n)`` finite matrices, from one symmetric
+    eigendecomposition of the smaller Gram matrix (3-6x cheaper than a full SVD at BERT-base's sizes)."""
+    if matrices.shape[2] <= matrices.shape[1]:
+        return torch.linalg.eigh(matrices.transpose(1, 2) @ matrices).eigenvectors[:, :, -1]
+    left = torch.linalg.eigh(matrices @ matrices.transpose(1, 2)).eigenvectors[:, :, -1]  # (B, m)
+    right = (matrices.transpose(1, 2) @ left.unsqueeze(-1)).squeeze(-1)
+    return right / right.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 def spectrum_stable_rank(values: torch.Tensor) -> float:
     """``sum(s^2) / s_max^2`` from descending singular values (fp64; a zero matrix gives 0, not NaN).
 
@@ -107,7 +117,8 @@ class StableRankMeter:
     Each :meth:`measure` runs ``n_iter`` steps of power iteration on ``W^T W`` for every weight, batched by
     shape, starting from the right singular vectors found at the previous measurement. Weights change
     slowly between measurements, so a handful of iterations track ``sigma_max`` closely. A layer seen for the
-    first time starts from its exact top singular vector (one SVD per layer, once): a random start on a
+    first time starts from its exact top singular vector (one eigendecomposition per layer, once,
+    :func:`top_right_singular_vectors`): a random start on a
     near-Gaussian matrix (a fresh init) leaves a bias of several percent that would shrink over the next
     measurements and look like the stable rank still moving. ``exact_start=False`` uses ``n_iter_first``
     iterations from a seeded random start instead.
@@ -133,7 +144,7 @@ class StableRankMeter:
             return torch.stack([self._vectors[name] for name in names]).to(matrices.device), self.n_iter
         if self.exact_start:
             check_finite(dict(zip(names, matrices)), "measuring stable ranks")  # once per layer: no SVD of NaN
-            return torch.linalg.svd(matrices, full_matrices=False).Vh[:, 0, :], self.n_iter
+            return top_right_singular_vectors(matrices), self.n_iter
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(matrices.shape[0], matrices.shape[2], generator=generator)
         return start.to(matrices.device), self.n_iter_first

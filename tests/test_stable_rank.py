@@ -14,6 +14,7 @@ from cuttlefish_hf.stable_rank import (
     singular_values,
     stable_rank,
     stable_ranks,
+    top_right_singular_vectors,
 )
 
 
@@ -302,3 +303,23 @@ def test_exact_stable_ranks_of_non_finite_weights_are_nan_not_a_lapack_error():
     assert math.isnan(ranks[1]) and math.isnan(ranks[2])
     values = singular_values(weights)
     assert torch.isnan(values[1]).all() and torch.isfinite(values[0]).all()
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_top_right_singular_vectors_are_the_svds_up_to_sign(shape):
+    flat = torch.randn(3, *shape, generator=_gen(4))  # near-Gaussian: close top singular values
+    decaying = flat * 0.8 ** torch.arange(shape[1], dtype=torch.float32)
+    for matrices in (flat, decaying):
+        vectors = top_right_singular_vectors(matrices)
+        exact = torch.linalg.svd(matrices.double(), full_matrices=False).Vh[:, 0, :]
+        cosines = (vectors.double() * exact).sum(dim=1).abs()
+        torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_meter_starts_without_a_full_svd(monkeypatch):
+    weights = {"a": torch.randn(48, 16, generator=_gen(5)), "b": torch.randn(16, 48, generator=_gen(6))}
+    monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: pytest.fail("a full SVD"))
+    ranks = StableRankMeter(n_iter=2).measure(weights)
+    monkeypatch.undo()
+    for name, weight in weights.items():
+        assert ranks[name] == pytest.approx(stable_rank(weight), rel=1e-4)
