@@ -35,12 +35,14 @@ def one_switch(rule: str, seed: int) -> dict[str, float]:
     config = CuttlefishConfig(rank_rule=rule, init="svd", rank_ratio=0.25, measure_every_steps=50,
                               max_warmup_fraction=0.5, skip_first_blocks=0)
     controller = Cuttlefish(model, config, total_steps=100)
-    controller.begin()
+    start = time.perf_counter()
+    controller.begin()  # srank(W_0) of every target: the singular values of each
+    begin_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = controller.step_end(50)
     step_end_seconds = time.perf_counter() - start
     assert result is not None and controller.switch_step == 50
-    return {"switch_seconds": controller.timings.surgery_seconds, "measure_seconds": controller.timings.measure_seconds,
+    return {"begin_seconds": begin_seconds, "switch_seconds": controller.timings.surgery_seconds, "measure_seconds": controller.timings.measure_seconds,
             "step_end_seconds": step_end_seconds, "layers": len(result.report.layers)}
 
 
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {rule: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for rule, rows in runs.items()}
     for rule, row in summary.items():
         print(f"{rule:>20}: switch {row['switch_seconds']:.2f} s (after the measurement's "
-              f"{row['measure_seconds']:.2f} s), {row['layers']:.0f} layers factorized")
+              f"{row['measure_seconds']:.2f} s; begin took {row['begin_seconds']:.2f} s), {row['layers']:.0f} "
+              "layers factorized")
     record = {"model": "bert-base encoder (BertConfig() defaults, random init), rank_ratio 0.25, init svd",
               "median_of": args.repeats, "summary": summary, "runs": runs,
               "command": "python benchmarks/switch_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
