@@ -72,13 +72,14 @@ def singular_values(weights: Sequence[torch.Tensor], *, normalized: bool = False
     for indices in _group_by_shape(weights).values():
         stacked = torch.stack([as_matrix(weights[i]) for i in indices])
         scale = stacked.abs().amax(dim=(1, 2))
-        stacked = _normalized(stacked)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        stacked = stacked / scale[:, None, None]
         finite = torch.isfinite(stacked).all(dim=2).all(dim=1)  # on the device: no host sync
         stacked = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))
         gram = stacked @ stacked.mT if stacked.shape[1] <= stacked.shape[2] else stacked.mT @ stacked
         values = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
         if not normalized:
-            values = values * torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+            values = values * scale[:, None]
         values = torch.where(finite[:, None], values, torch.full_like(values, float("nan")))
         for i, row in zip(indices, values):
             result[i] = row
