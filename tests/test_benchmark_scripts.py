@@ -1,5 +1,5 @@
 """Benchmark scripts end to end on tiny inputs: pretrained_rank_rules.py (one candidate at one fraction, then
-collect) and inference.py (a tiny BERT, eager)."""
+collect), inference.py (a tiny BERT, eager) and switch_cost.py (a tiny BERT)."""
 
 from __future__ import annotations
 
@@ -55,3 +55,12 @@ def test_inference_benchmark_smoke(tmp_path):
     assert 0 < result["dense"]["eager"]["min_seconds"] <= result["dense"]["eager"]["median_seconds"]
     text = output.read_text()
     assert json.loads(text)["command"].startswith("python benchmarks/inference.py") and str(REPO) not in text
+
+
+def test_switch_cost_smoke(tmp_path):
+    output = tmp_path / "switch.json"
+    record = load_driver("switch_cost").main(["--tiny", "--repeats", "1", "--output", str(output)])
+    for rule in ("fixed_ratio", "stable_rank"):
+        row = record["summary"][rule]
+        assert row["layers"] == 12 and row["switch_seconds"] > 0 and row["begin_seconds"] > 0
+    assert json.loads(output.read_text())["command"].startswith("python benchmarks/switch_cost.py")
