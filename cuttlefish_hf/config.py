@@ -35,6 +35,8 @@ LAYER_KINDS = ("attention", "ffn", "other")
 # init, FFN matrices keep 70% of their parameters and attention matrices 40% (60% overall with a 4x FFN).
 DEFAULT_KIND_FRACTIONS = {"attention": 0.4, "ffn": 0.7}
 OTHER_KIND_FRACTION = 0.6  # layers of no known kind, unless kind_fractions names "other"
+# Tokens (rows of a Linear's input, or spatial positions of a conv's input) per batch when the run's are unknown:
+# e.g. batch 32 x 128 tokens of text, or batch 16 x 256 patches (a 224px ViT-B/14).
 DEFAULT_TOKENS_PER_BATCH = 4096
 PROFILE_DTYPES = (None, "float32", "float16", "bfloat16")
 CONFIG_NAME = "cuttlefish_config.json"

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CuttlefishConfig
+from .config import LEGACY_RANK_RULES, CuttlefishConfig
 from .inits import make_init
 from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
 from .logging_utils import get_logger
@@ -458,7 +458,7 @@ class Cuttlefish:
         if state.get("method"):
             self.method = Method(*state["method"])
         elif legacy:
-            rule, init = ("kind_fractions", "whitened") if legacy == "activation_aware" else (legacy, "svd")
+            rule, init = LEGACY_RANK_RULES.get(legacy, (legacy, "svd"))
             self.method = Method(rule, init, self.config.xi_reference, state.get("rank_rule_reason", ""))
         self.timings.load_state_dict(state)
         self.switch_step = state["switch_step"]

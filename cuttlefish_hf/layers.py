@@ -18,7 +18,8 @@ from torch.nn.modules.utils import _pair
 from .stable_rank import check_finite
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "FactorizedLayer", "svd_factors", "truncated_svd", "dense_shape",
-           "full_rank", "dense_matrix", "is_conv1d", "is_linear", "is_factorizable", "factorized_like"]
+           "full_rank", "dense_matrix", "is_conv1d", "is_linear", "is_factorizable", "factorized_like",
+           "factorized_from"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -74,6 +75,8 @@ def truncated_svd(matrix: torch.Tensor, rank: int, *, resolution: float = 1e-3
     Gram matrix's fp32 eigenvalues carry an absolute error near ``eps * s_1^2``), the full SVD is taken instead.
     """
     m, n = matrix.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank}.")
     short = matrix if m <= n else matrix.T  # (k, l), k <= l
     if rank < short.shape[0]:
         values, vectors = torch.linalg.eigh(short @ short.T)  # ascending
@@ -167,18 +170,7 @@ class FactorizedLinear(FactorizedLayer):
     def from_linear(cls, linear: nn.Module, rank: int) -> FactorizedLinear:
         """SVD-initialized factors of an ``nn.Linear`` or a transformers ``Conv1D`` (SVD in fp32, factors cast
         back to its dtype); a Conv1D's factorization merges back into a Conv1D."""
-        weight = linear.weight
-        out_features, in_features = dense_shape(linear)
-        layer = cls(in_features, out_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
-        layer.merges_to_conv1d = is_conv1d(linear)
-        first, second = svd_factors(dense_matrix(linear), rank)
-        with torch.no_grad():
-            layer.first.weight.copy_(first)
-            layer.second.weight.copy_(second)
-        layer.second.bias = linear.bias
-        layer.first.weight.requires_grad_(weight.requires_grad)
-        layer.second.weight.requires_grad_(weight.requires_grad)
-        return layer
+        return factorized_from(linear, rank, svd_factors(dense_matrix(linear), rank))
 
     def to_linear(self) -> nn.Module:
         """Merge the factors back into one dense ``nn.Linear`` (or the ``Conv1D`` it replaced); the bias Parameter
@@ -233,23 +225,7 @@ class FactorizedConv2d(FactorizedLayer):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int, extra_bn: bool = False) -> FactorizedConv2d:
         """SVD-initialized factors of ``conv`` read as the ``(out, in*k*k)`` matrix."""
-        if conv.groups != 1:
-            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={conv.groups}); exclude it with "
-                             "`exclude_modules`.")
-        if isinstance(conv.padding, str) and conv.padding == "same" and conv.stride != (1, 1):
-            raise ValueError("padding='same' requires stride 1.")
-        weight = conv.weight
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode,
-                    extra_bn=extra_bn, device=weight.device, dtype=weight.dtype)
-        first, second = svd_factors(weight.reshape(weight.shape[0], -1), rank)
-        with torch.no_grad():
-            layer.first.weight.copy_(first.reshape_as(layer.first.weight))
-            layer.second.weight.copy_(second.reshape_as(layer.second.weight))
-        layer.second.bias = conv.bias
-        layer.first.weight.requires_grad_(weight.requires_grad)
-        layer.second.weight.requires_grad_(weight.requires_grad)
-        return layer
+        return factorized_from(conv, rank, svd_factors(dense_matrix(conv), rank), extra_bn=extra_bn)
 
     def to_conv(self) -> nn.Conv2d:
         """Merge back into one dense ``nn.Conv2d`` (exact only without the extra BatchNorm)."""
@@ -277,8 +253,8 @@ def factorized_like(module: nn.Module, rank: int, *, extra_bn: bool = False,
     ``module`` is a dense ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (or a factorized layer, whose
     dense shape is used): the new layer has its shape, bias (a new one) and conv geometry, and the device and
     dtype of its weight unless given. The factors are initialized as ``nn.Linear`` / ``nn.Conv2d`` initialize
-    themselves, for a caller that overwrites them (a checkpoint, an init rule) or only times the layer.
-    ``from_linear`` / ``from_conv`` give SVD factors instead.
+    themselves, for a caller that overwrites them (a checkpoint) or only times the layer.
+    :func:`factorized_from` builds one holding given factors.
 
     Example:
         >>> factorized_like(nn.Conv2d(4, 8, 3, padding=1), rank=2)
@@ -311,3 +287,19 @@ def factorized_like(module: nn.Module, rank: int, *, extra_bn: bool = False,
     return FactorizedConv2d(in_features, out_features, conv.kernel_size, rank, stride=conv.stride,
                             padding=conv.padding, dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode,
                             extra_bn=extra_bn, device=device, dtype=dtype)
+
+
+def factorized_from(module: nn.Module, rank: int, factors: tuple[torch.Tensor, torch.Tensor], *,
+                    extra_bn: bool = False) -> FactorizedLayer:
+    """The factorized replacement of the dense ``module`` (see :func:`factorized_like`) holding ``factors``:
+    ``(first (rank, in*k*k), second (out, rank))``, cast to the module's dtype. It shares the module's bias
+    Parameter, and its factors train if the module's weight did."""
+    layer = factorized_like(module, rank, extra_bn=extra_bn)
+    first, second = factors
+    with torch.no_grad():
+        layer.first.weight.copy_(first.reshape_as(layer.first.weight))
+        layer.second.weight.copy_(second.reshape_as(layer.second.weight))
+    layer.second.bias = module.bias
+    for factor in (layer.first.weight, layer.second.weight):
+        factor.requires_grad_(module.weight.requires_grad)
+    return layer

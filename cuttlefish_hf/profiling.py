@@ -34,15 +34,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .config import DEFAULT_TOKENS_PER_BATCH
 from .layers import FactorizedLayer, dense_shape, factorized_like, is_factorizable
 from .tables import render_table
 
 __all__ = ["DEFAULT_TOKENS_PER_BATCH", "LayerTiming", "ProfileReport", "SynchronizedTimer", "Timer", "flop_ideal",
            "profile_layers", "synthetic_input_shape"]
 
-# Tokens (rows of a Linear's input, or spatial positions of a conv's input) per batch when the run's are unknown:
-# e.g. batch 32 x 128 tokens of text, or batch 16 x 256 patches (a 224px ViT-B/14).
-DEFAULT_TOKENS_PER_BATCH = 4096
 
 Timer = Callable[[Callable[[], None], nn.Module], float]
 """``timer(run, module) -> seconds`` of one call of ``run`` (forward+backward of ``module``)."""

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .inits import FactorInit, make_init
-from .layers import (FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_matrix, dense_shape, is_conv1d,
-                     is_factorizable)
+from .layers import (FactorizedLayer, FactorizedLinear, dense_matrix, dense_shape,
+                     factorized_from, factorized_like, is_factorizable)
 from .stable_rank import check_finite
 from .targeting import shared_weight_error, shared_weights
 
@@ -101,37 +101,6 @@ class FactorizationReport:
         return "\n".join(lines)
 
 
-def _factorized_from(module: nn.Module, rank: int, extra_bn: bool,
-                     factors: tuple[torch.Tensor, torch.Tensor] | None) -> FactorizedLayer:
-    """The factorized replacement of a dense layer, holding ``factors`` (uninitialized when None) and sharing
-    the dense layer's bias Parameter."""
-    weight = module.weight
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ValueError(f"Cannot factorize a grouped Conv2d (groups={module.groups}); exclude it with "
-                             "`exclude_modules`.")
-        layer = FactorizedConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
-                                 stride=module.stride, padding=module.padding, dilation=module.dilation,
-                                 bias=module.bias is not None, padding_mode=module.padding_mode, extra_bn=extra_bn,
-                                 device=weight.device, dtype=weight.dtype)
-    elif is_factorizable(module):
-        out_features, in_features = dense_shape(module)
-        layer = FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None,
-                                 device=weight.device, dtype=weight.dtype)
-        layer.merges_to_conv1d = is_conv1d(module)
-    else:
-        raise ValueError(f"Only nn.Linear, transformers' Conv1D and nn.Conv2d can be factorized, got "
-                         f"{type(module).__name__}.")
-    if factors is not None:
-        first, second = factors
-        layer.first.weight.copy_(first.reshape_as(layer.first.weight))
-        layer.second.weight.copy_(second.reshape_as(layer.second.weight))
-        layer.second.bias = module.bias
-        layer.first.weight.requires_grad_(weight.requires_grad)
-        layer.second.weight.requires_grad_(weight.requires_grad)
-    return layer
-
-
 def _check_plan(model: nn.Module, plan: Mapping[str, int]) -> dict[str, nn.Module]:
     quantizer = getattr(model, "hf_quantizer", None)
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "cuttlefish")
@@ -215,7 +184,8 @@ def factorize_(
     report = FactorizationReport(model_params_before=count_parameters(model))
     for name, module in modules.items():
         factors = None if init == "empty" else init(name, dense_matrix(module), plan[name])
-        new = _factorized_from(module, plan[name], extra_bn, factors)
+        new = factorized_like(module, plan[name], extra_bn=extra_bn) if factors is None else \
+            factorized_from(module, plan[name], factors, extra_bn=extra_bn)
         _set_submodule(model, name, new)
         report.layers.append(LayerReport(
             name=name, shape=dense_shape(module), rank=plan[name],

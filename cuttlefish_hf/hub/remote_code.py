@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..layers import (FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_matrix, dense_shape, factorized_like,
-                      is_conv1d, is_factorizable, is_linear, svd_factors, truncated_svd)
+from ..layers import (FactorizedConv2d, FactorizedLayer, FactorizedLinear, dense_matrix, dense_shape, factorized_from,
+                      factorized_like, is_conv1d, is_factorizable, is_linear, svd_factors, truncated_svd)
 from ..logging_utils import get_logger
 from ..stable_rank import check_finite
 
@@ -33,7 +33,7 @@ REMOTE_CODE_FILE = "modeling_cuttlefish.py"
 # The layer classes, the builder, and every function they call, in definition order (test_hub checks that the
 # file defines every name it uses).
 _LAYER_CODE = (check_finite, is_conv1d, is_linear, is_factorizable, dense_shape, dense_matrix, truncated_svd,
-               svd_factors, FactorizedLayer, FactorizedLinear, FactorizedConv2d, factorized_like)
+               svd_factors, FactorizedLayer, FactorizedLinear, FactorizedConv2d, factorized_like, factorized_from)
 
 _HEAD = '''\
 """{arch} with Cuttlefish low-rank layers, for ``from_pretrained(..., trust_remote_code=True)``.
