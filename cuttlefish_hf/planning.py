@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import CuttlefishConfig
 from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_rank, decide_ranks,
-                         random_matrix_stable_rank)
+                         random_matrix_stable_rank, rank_from_singular_values)
 from .targeting import block_indices, find_targets, matches
 
 __all__ = ["Method", "PretrainedCheck", "detect_pretrained", "fixed_ratio_saves", "forced_switch_step", "keep_dense",
@@ -156,7 +156,9 @@ def fixed_ratio_saves(config: CuttlefishConfig, shapes: Mapping[str, Sequence[in
     overrides = rank_overrides(list(shapes), config.rank_pattern)
     for name, shape in shapes.items():
         m, n = shape[0], math.prod(shape[1:])
-        rank = overrides.get(name) or max(math.ceil(config.rank_ratio * min(m, n) - 1e-9), config.min_rank)
+        # The fixed-ratio rule reads only how many singular values there are.
+        rank = overrides.get(name) or rank_from_singular_values(
+            torch.empty(min(m, n)), "fixed_ratio", ratio=config.rank_ratio, min_rank=config.min_rank)
         if min(rank, min(m, n)) < break_even_rank(m, n):
             return True
     return False

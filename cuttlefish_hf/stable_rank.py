@@ -42,10 +42,15 @@ def check_finite(named_weights: Mapping[str, torch.Tensor], when: str = "factori
                          "under fp16 (use bf16 or a gradient scaler).")
 
 
+def _scales(matrices: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the largest absolute entry of each of ``(B, m, n)`` matrices (1 for a zero matrix)."""
+    scale = matrices.abs().amax(dim=(1, 2))
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _normalized(matrices: torch.Tensor) -> torch.Tensor:
     """``(B, m, n)`` matrices each divided by its largest absolute entry (a zero matrix stays zero)."""
-    scale = matrices.abs().amax(dim=(1, 2), keepdim=True)
-    return matrices / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return matrices / _scales(matrices)[:, None, None]
 
 
 def _group_by_shape(weights: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -71,8 +76,7 @@ def singular_values(weights: Sequence[torch.Tensor], *, normalized: bool = False
     result: list[torch.Tensor] = [torch.empty(0)] * len(weights)
     for indices in _group_by_shape(weights).values():
         stacked = torch.stack([as_matrix(weights[i]) for i in indices])
-        scale = stacked.abs().amax(dim=(1, 2))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = _scales(stacked)
         stacked = stacked / scale[:, None, None]
         finite = torch.isfinite(stacked).all(dim=2).all(dim=1)  # on the device: no host sync
         stacked = torch.where(finite[:, None, None], stacked, torch.zeros_like(stacked))

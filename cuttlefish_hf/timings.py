@@ -52,7 +52,7 @@ class Timings:
         return {k: v for k, v in asdict(self).items() if k != "step_intervals"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("measure_seconds", "statistics_seconds", "surgery_seconds", "profile_seconds"):
+        for name in self.state_dict():
             setattr(self, name, state.get(name, 0.0))  # absent from checkpoints of older versions
 
 
