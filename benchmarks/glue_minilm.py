@@ -40,15 +40,36 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "glue" / "run_glue.py"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "debian-sections"
+# The switch point of the 0.1 / early 0.2 default, for the runs that compare against it: wait for the stable ranks
+WAIT = ["--warmup", "stable_ranks"]
 METHOD_FLAGS = {
     "vanilla": [],
     "cuttlefish": ["--cuttlefish", "--measure_every_steps", "25"],
+    # the default for pretrained weights before warmup="auto": switch once the stable ranks settle (step 150)
+    "cuttlefish_wait_for_ranks": ["--cuttlefish", "--measure_every_steps", "25", *WAIT],
     "pufferfish": ["--cuttlefish", "--mode", "pufferfish", "--rank_ratio", "0.25", "--fixed_warmup_fraction", "0.25"],
     "si_fd": ["--cuttlefish", "--mode", "si_fd", "--rank_ratio", "0.25"],
     # the paper's rule (the default before rank_rule="auto"): scaled stable rank, plain SVD factors
-    "cuttlefish_paper_rule": ["--cuttlefish", "--measure_every_steps", "25", "--rank_rule", "scaled_stable_rank"],
+    "cuttlefish_paper_rule": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--rank_rule",
+                              "scaled_stable_rank"],
+    # candidate for pretrained weights: the whitened init with Fisher-weighted outputs (Adam's exp_avg_sq)
+    "cuttlefish_fisher": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--init", "fisher_whitened"],
+    # candidate for pretrained weights: self-distillation from the dense model at the switch (half the loss)
+    "cuttlefish_distill": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--distillation", "0.5"],
+    # schedule ablations for pretrained weights: no Frobenius decay on the factors; an earlier and a later switch
+    "cuttlefish_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--frobenius_decay", "0"],
+    "cuttlefish_switch_early": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.15"],
+    "cuttlefish_switch_late": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.67",
+                               "--min_warmup_measurements", "1000"],
+    "cuttlefish_switch_25": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.066"],
+    "cuttlefish_switch_25_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT,
+                                          "--max_warmup_fraction", "0.066", "--frobenius_decay", "0"],
+    "cuttlefish_switch_early_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT,
+                                             "--max_warmup_fraction", "0.15", "--frobenius_decay", "0"],
+    # the default (switch once the inputs are recorded: step 7) without Frobenius decay
+    "cuttlefish_default_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", "--frobenius_decay", "0"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
-    "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", "--activation_tokens", "16384"],
+    "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--activation_tokens", "16384"],
 }
 
 

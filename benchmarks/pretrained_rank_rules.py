@@ -1,15 +1,18 @@
-"""Rank rules and factor inits for fine-tuning a pretrained model: accuracy against parameters kept.
+"""Rank rules, factor inits and switch points for fine-tuning a pretrained model: accuracy against parameters kept.
 
 The packaged all-MiniLM-L6-v2 fine-tuned on ``../shared/data/debian-sections`` by ``examples/glue/run_glue.py``
-with ``benchmarks/glue_minilm.py``'s schedule (3 epochs, batch 32, lr 5e-5, 64 tokens). Every candidate is a set
-of ``CuttlefishConfig`` flags. All switch after 1 of the 3 epochs by the library's own bound, ``SWITCH``:
-``--max_warmup_fraction 1/3`` and a ``--min_warmup_measurements`` the ranks cannot reach before it (the run warns
-so), measuring every 25 steps as glue_minilm does.
+with ``benchmarks/glue_minilm.py``'s schedule (3 epochs, batch 32, lr 5e-5, 64 tokens), measuring every 25 steps
+as glue_minilm does. Every candidate is a set of ``CuttlefishConfig`` flags; unless it says otherwise it switches
+where the library's default does (``warmup="auto"``: for pretrained weights, as soon as the layers' inputs are
+recorded, step 7 of 375 here).
 
 * ``kind_whitened`` - the pretrained default: ``kind_fractions`` (attention:FFN kept as 0.4:0.7), ``whitened`` init;
-* ``kind_svd`` - the same ranks, plain SVD factors;
+* ``kind_whitened_wait`` - the same, switching where the 0.1 default did: once the stable ranks settle
+  (``--warmup stable_ranks``, step 150 of 375 here);
+* ``kind_svd`` - the default's ranks and switch point, plain SVD factors;
 * ``uniform_whitened`` / ``uniform_svd`` - every layer keeps the same fraction;
-* ``paper_rule`` - the paper's ``scaled_stable_rank`` with SVD factors (chooses its own ranks: one point);
+* ``paper_rule`` - the paper's ``scaled_stable_rank`` with SVD factors, waiting for the stable ranks (chooses its
+  own ranks: one point);
 * ``vanilla`` - no Cuttlefish (the horizontal line).
 
 ``--fractions`` sweeps the fraction of the encoder's Linear weights kept: uniform candidates keep it in every
@@ -17,8 +20,9 @@ layer; kind candidates scale attention and FFN fractions together (ratio 0.4:0.7
 keeps it. Each run writes ``outputs/pretrained_rank_rules/runs/<run>.json``; ``collect`` merges them into
 ``benchmarks/results/pretrained_rank_rules_v2.json`` and a plot (``.png``) next to it:
 
-    .venv/bin/python benchmarks/pretrained_rank_rules.py run --seeds 42 43 --fractions 0.4 0.5 0.6 0.7 0.8
-    .venv/bin/python benchmarks/pretrained_rank_rules.py run --candidates kind_svd --fractions 0.6 \\
+    .venv/bin/python benchmarks/pretrained_rank_rules.py run --seeds 42 --candidates vanilla kind_whitened \
+        kind_whitened_wait --fractions 0.4 0.5 0.6 0.7 0.8
+    .venv/bin/python benchmarks/pretrained_rank_rules.py run --candidates kind_svd --fractions 0.6 \
         --epochs 1 --max_train_samples 64   # a smoke run
     .venv/bin/python benchmarks/pretrained_rank_rules.py collect
 
@@ -47,12 +51,15 @@ from glue_minilm import REPO, minilm_folder
 
 WORK = REPO / "outputs" / "pretrained_rank_rules"
 RESULTS = REPO / "benchmarks" / "results" / "pretrained_rank_rules_v2.json"
-SWITCH = ["--max_warmup_fraction", str(1 / 3), "--min_warmup_measurements", "1000", "--measure_every_steps", "25"]
-# name -> (rank rule, init, how the --fractions sweep applies: "kind", "uniform" or None)
-CANDIDATES = {"kind_whitened": ("kind_fractions", "whitened", "kind"), "kind_svd": ("kind_fractions", "svd", "kind"),
-              "uniform_whitened": ("kind_fractions", "whitened", "uniform"),
-              "uniform_svd": ("kind_fractions", "svd", "uniform"),
-              "paper_rule": ("scaled_stable_rank", "svd", None), "vanilla": (None, None, None)}
+MEASURE = ["--measure_every_steps", "25"]
+WAIT = ["--warmup", "stable_ranks"]  # the 0.1 default's switch point: once the stable ranks settle
+# name -> (rank rule, init, how the --fractions sweep applies: "kind", "uniform" or None, more config flags)
+CANDIDATES = {"kind_whitened": ("kind_fractions", "whitened", "kind", ()),
+              "kind_whitened_wait": ("kind_fractions", "whitened", "kind", WAIT),
+              "kind_svd": ("kind_fractions", "svd", "kind", ()),
+              "uniform_whitened": ("kind_fractions", "whitened", "uniform", ()),
+              "uniform_svd": ("kind_fractions", "svd", "uniform", ()),
+              "paper_rule": ("scaled_stable_rank", "svd", None, WAIT), "vanilla": (None, None, None, ())}
 
 
 def kind_weights() -> dict[str, int]:
@@ -81,10 +88,10 @@ def kind_fractions(target: float, weights: dict[str, int]) -> dict[str, float]:
 
 
 def candidate_flags(candidate: str, fraction: float | None, weights: dict[str, int]) -> list[str]:
-    rule, init, sweep = CANDIDATES[candidate]
+    rule, init, sweep, more = CANDIDATES[candidate]
     if rule is None:
         return []
-    flags = ["--cuttlefish", "--rank_rule", rule, "--init", init, *SWITCH]
+    flags = ["--cuttlefish", "--rank_rule", rule, "--init", init, *MEASURE, *more]
     if sweep is not None:
         kinds = kind_fractions(fraction, weights) if sweep == "kind" else dict.fromkeys(weights, fraction)
         flags += ["--kind_fractions", json.dumps(kinds)]
@@ -130,9 +137,10 @@ def collect(args: argparse.Namespace) -> None:
                                       ("accuracy", "kept_fraction", "encoder_linear_params")}}
     payload = {
         "experiment": "all-MiniLM-L6-v2 (packaged) fine-tuned on debian-sections (8 classes, 4,000 train / 1,200 "
-                      "validation) with examples/glue/run_glue.py; switch after 1 of 3 epochs",
-        "candidates": {c: dict(zip(("rank_rule", "init", "fraction_sweep"), v)) for c, v in CANDIDATES.items()},
-        "switch_flags": " ".join(SWITCH),
+                      "validation) with examples/glue/run_glue.py, 3 epochs",
+        "candidates": {c: dict(zip(("rank_rule", "init", "fraction_sweep", "flags"), v))
+                       for c, v in CANDIDATES.items()},
+        "measure_flags": " ".join(MEASURE),
         "commands": [*sorted({r["driver_command"] for r in runs}),
                      "python benchmarks/pretrained_rank_rules.py collect"],
         "machine": {"cpu_cores": os.cpu_count(), "device": "cpu", "dtype": "float32", "processor": platform.processor()
@@ -172,7 +180,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
     ax.set_xlabel("encoder Linear parameters kept (fraction)")
     ax.set_ylabel("validation accuracy (%): mean over seeds; faint: single runs")
     seeds = sorted({r["seed"] for r in runs})
-    ax.set_title(f"all-MiniLM-L6-v2 on debian-sections, switch after 1 of 3 epochs (seeds {seeds})", fontsize=10)
+    ax.set_title(f"all-MiniLM-L6-v2 on debian-sections, 3 epochs (seeds {seeds})", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=130, bbox_inches="tight")

@@ -23,6 +23,7 @@ Example (a custom loop)::
                 model = accelerator.prepare(accelerator.unwrap_model(model))  # re-wrap DDP, if any
         if controller.epoch_end(step, optimizer, scheduler):
             model = accelerator.prepare(accelerator.unwrap_model(model))
+    controller.end()  # releases the self-distillation teacher, if any
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import torch
 from torch import nn
 
 from .config import LEGACY_RANK_RULES, CuttlefishConfig
+from .distillation import SelfDistillation
 from .inits import make_init
 from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
 from .logging_utils import get_logger
-from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
+from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_, squared_gradient_averages
 from .planning import (Method, forced_switch_step, keep_dense, plan_switch, resolve_method, schedule_warnings,
                        select_targets)
 from .profiling import ProfileReport, profile_layers
@@ -112,6 +114,7 @@ class Cuttlefish:
         self.init_stable_ranks: dict[str, float] | None = None
         self.method: Method | None = None  # resolved once, at begin()
         self.activations: ActivationStats | None = None  # input statistics for the whitened init
+        self.distillation: SelfDistillation | None = None  # the dense model's copy teaching after the switch
         self.switch_step: int | None = None
         self.report: FactorizationReport | None = None
         self.decisions: list[RankDecision] = []
@@ -170,11 +173,13 @@ class Cuttlefish:
                 if optimizer is not None:
                     self._adopt_factors(optimizer, scheduler)
             return None
-        for message in schedule_warnings(self.config, total_steps=self.total_steps,
-                                         forced_step=forced_switch_step(self.config, self.total_steps),
-                                         measurement_period=self._measurement_period(), shapes=self._shapes()):
-            logger.warning(message)
         self._resolve_method()
+        warnings = schedule_warnings(self.config, total_steps=self.total_steps,
+                                     forced_step=forced_switch_step(self.config, self.total_steps),
+                                     measurement_period=self._measurement_period(), shapes=self._shapes(),
+                                     waits_for_stable_ranks=self.method.warmup == "stable_ranks")
+        for message in warnings:
+            logger.warning(message)
         self._start_recording()
         if self.config.mode == "si_fd":
             return self.switch(0, optimizer, scheduler)
@@ -188,8 +193,12 @@ class Cuttlefish:
             self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
         if self.method is None:
             self.method = resolve_method(self.config, self.init_stable_ranks, self._shapes())
-            logger.log(self.log_level, "Cuttlefish will choose ranks with the %s rule and start the factors from "
-                       "the %s init (%s).", self.method.rank_rule, self.method.init, self.method.reason)
+            when = ("as soon as the init's input statistics are recorded" if self.method.warmup == "statistics"
+                    else "once the stable ranks settle")
+            logger.log(self.log_level, "Cuttlefish will switch %s, choose ranks with the %s rule and start the "
+                       "factors from the %s init (%s).", when if self.config.mode == "cuttlefish" else
+                       f"as {self.config.mode} mode does", self.method.rank_rule, self.method.init,
+                       self.method.reason)
 
     def _start_recording(self) -> None:
         """Hook the Linear targets to record their inputs' second moments, if the init needs them."""
@@ -251,10 +260,26 @@ class Cuttlefish:
         finally:
             self._last_step_end = time.perf_counter()  # the next interval excludes measuring and the switch
 
+    @property
+    def _waits_for_statistics(self) -> bool:
+        """``warmup="statistics"``: the switch waits for the init's input statistics, not for stable ranks
+        (no stable-rank measurements before it)."""
+        return self.method is not None and self.method.warmup == "statistics" and self.config.mode == "cuttlefish"
+
+    def _statistics_ready(self) -> bool:
+        """Whether every recorded input holds ``activation_tokens`` tokens (True when the init records none),
+        as rank 0 sees it."""
+        stats = self.activations
+        return _from_rank_zero(stats is None or stats.fewest_tokens >= self.config.activation_tokens)
+
     def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
         if self.decided:
             if not self._speed_reported and len(self.timings.step_intervals["low_rank"]) >= SPEED_REPORT_STEPS:
                 self.report_speed()
+            return None
+        if self._waits_for_statistics:  # max_warmup_fraction still bounds a run whose inputs never fill up
+            if (self._statistics_ready() or self._bound_reached(step)) and self._steps_left(step):
+                return self.switch(step, optimizer, scheduler)
             return None
         if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
             return self._on_measurement_point(step, optimizer, scheduler)
@@ -267,7 +292,7 @@ class Cuttlefish:
 
     def epoch_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
         """Call after each epoch. Measures when measuring per epoch; returns the switch, if it happened."""
-        if self.decided or self.config.measure_every_steps:
+        if self.decided or self.config.measure_every_steps or self._waits_for_statistics:
             return None
         return self._on_measurement_point(step, optimizer, scheduler)
 
@@ -302,6 +327,18 @@ class Cuttlefish:
                            "the whitened init falls back to plain SVD factors.")
         return covariances
 
+    def _squared_gradients(self, optimizer, names) -> dict[str, torch.Tensor] | None:
+        """The optimizer's squared-gradient averages of the layers in ``names``, when the init reads them."""
+        if not self.method.reads_optimizer_moments:
+            return None
+        averages = {} if optimizer is None else squared_gradient_averages(
+            optimizer, {name: self.model.get_submodule(name) for name in names})
+        if len(averages) < len(names):
+            logger.warning(f"The {self.method.init} init found no squared-gradient averages (an Adam-family "
+                           f"optimizer's exp_avg_sq) for {len(names) - len(averages)} of {len(names)} layers; "
+                           "those start from the whitened init.")
+        return averages
+
     def switch(self, step: int, optimizer=None, scheduler=None, *,
                stable_ranks_now: dict[str, float] | None = None) -> SwitchResult:
         """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state
@@ -319,9 +356,14 @@ class Cuttlefish:
             self.decisions = keep_dense(self.decisions, self._slow_layers(self.decisions))
         plan = {d.name: d.rank for d in self.decisions if d.factorize}
         old = {name: self.model.get_submodule(name).weight for name in plan}
-        init = make_init(self.method.init, covariances=covariances)
+        init = make_init(self.method.init, covariances=covariances,
+                         squared_gradients=self._squared_gradients(optimizer, plan))
+        if plan and self.config.distillation:  # the teacher is the dense model, copied before the cut
+            self.distillation = SelfDistillation(self.model, self.config.distillation)
         self.report = factorize_(self.model, plan, init=init, extra_bn=self.config.resolved_extra_bn,
                                  stable_ranks={d.name: d.stable_rank for d in self.decisions})
+        if self.distillation is not None:
+            self.distillation.attach(self.model)
         self.switch_step = step
         # Nothing factorized: no optimizer change, no Frobenius decay or re-warm-up hooks on a dense model.
         result = self._swap_in_optimizer(step, optimizer, scheduler, old) if plan else \
@@ -361,9 +403,11 @@ class Cuttlefish:
                            step, epoch, len(self.decisions), kept, self.rank_rule, self.rank_rule_reason)
             return
         t = self.timings
-        logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s after %d measurements (%s mode, %s "
-                   "rule, %s init: %s); measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s",
-                   step, epoch, len(self.measured_steps), self.config.mode, self.rank_rule, self.method.init,
+        after = ("once the layers' inputs were recorded (warmup='statistics')" if self._waits_for_statistics
+                 else f"after {len(self.measured_steps)} measurements")
+        logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s %s (%s mode, %s rule, %s init: %s); "
+                   "measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s",
+                   step, epoch, after, self.config.mode, self.rank_rule, self.method.init,
                    self.rank_rule_reason, t.measure_seconds, t.surgery_seconds, t.profile_seconds, self.report)
 
     def _factorized_modules(self) -> dict[str, FactorizedLayer]:
@@ -394,6 +438,12 @@ class Cuttlefish:
             done = 0 if step is None or self.switch_step is None else step - self.switch_step
             self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
 
+    def end(self) -> None:
+        """Training is over: release the self-distillation teacher (and its hook). Integrations call it."""
+        if self.distillation is not None:
+            self.distillation.close()
+            self.distillation = None
+
     # -- reporting and checkpoints ----------------------------------------------------------------------
     def step_times(self) -> dict[str, float | None]:
         """See :meth:`cuttlefish_hf.timings.Timings.step_times`."""
@@ -420,6 +470,7 @@ class Cuttlefish:
             "mode": self.config.mode,
             "rank_rule": self.rank_rule or self.config.resolved_rank_rule,
             "init": self.method.init if self.method else self.config.resolved_init,
+            "warmup": self.method.warmup if self.method else self.config.warmup,
             "rank_rule_reason": self.rank_rule_reason,
             "switch_step": self.switch_step,
             "switch_epoch": None if self.switch_step is None or not self.steps_per_epoch
@@ -441,7 +492,8 @@ class Cuttlefish:
             "tracker": self.tracker.state_dict(),
             "measured_steps": list(self.measured_steps),
             "init_stable_ranks": self.init_stable_ranks,
-            "method": None if method is None else [method.rank_rule, method.init, method.xi_reference, method.reason],
+            "method": None if method is None else [method.rank_rule, method.init, method.xi_reference, method.reason,
+                                                   method.warmup],
             "switch_step": self.switch_step,
             "factorized_before_training": self.factorized_before_training,
             "report": self.report.to_dict() if self.report else None,
@@ -468,6 +520,11 @@ class Cuttlefish:
         if present != (self.report.plan if self.report else {}):
             raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
                              "checkpoint's weights into the model before restoring the controller.")
+        if self.switched and self.config.distillation:
+            logger.warning(f"Resumed after the switch with distillation={self.config.distillation}: the teacher "
+                           "(the dense model at the switch) is not part of checkpoints, so the remaining steps "
+                           "train on the task loss alone. To distill throughout, train without interruption "
+                           "after the switch.")
         if not self.decided and self.init_stable_ranks is not None:  # resumed in the warm-up: go on as begin()
             # Input statistics restart empty; restore the period's with load_statistics_state (checkpoints that
             # the Trainer integration writes hold them).

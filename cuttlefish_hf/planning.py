@@ -95,31 +95,40 @@ class Method:
     init: str
     xi_reference: str
     reason: str
+    warmup: str = "stable_ranks"  # 0.1 / early 0.2 checkpoints saved the first four fields only
 
     @property
     def records_inputs(self) -> bool:
         """Whether the switch needs the layers' input statistics."""
-        return self.init == "whitened"
+        return self.init in ("whitened", "fisher_whitened")
+
+    @property
+    def reads_optimizer_moments(self) -> bool:
+        """Whether the switch reads the optimizer's squared-gradient averages of the targets."""
+        return self.init == "fisher_whitened"
 
 
 def resolve_method(config: CuttlefishConfig, init_stable_ranks: Mapping[str, float],
                    shapes: Mapping[str, Sequence[int]]) -> Method:
     """Turn the config's ``"auto"`` choices into names, with one pretrained verdict for all of them."""
     rule, init, xi_reference = config.resolved_rank_rule, config.resolved_init, config.xi_reference
+    warmup = config.warmup if config.mode == "cuttlefish" else "stable_ranks"  # the baselines' is fixed
     xi_matters = rule in ("auto", "scaled_stable_rank")
-    if "auto" not in (rule, init) and not (xi_matters and xi_reference == "auto"):
+    if "auto" not in (rule, init, warmup) and not (xi_matters and xi_reference == "auto"):
         reason = "set in the config" if config.mode == "cuttlefish" else f"{config.mode} mode uses a fixed rank ratio"
-        return Method(rule, init, xi_reference, reason)
+        return Method(rule, init, xi_reference, reason, warmup)
     check = detect_pretrained(init_stable_ranks, shapes)
-    auto = [name for name, value in (("rank_rule", rule), ("init", init)) if value == "auto"]
+    auto = [name for name, value in (("rank_rule", rule), ("init", init), ("warmup", warmup)) if value == "auto"]
     if rule == "auto":
         rule = "kind_fractions" if check.pretrained else "scaled_stable_rank"
     if init == "auto":
         init = "whitened" if check.pretrained else "svd"
+    if warmup == "auto":
+        warmup = "statistics" if check.pretrained else "stable_ranks"
     if xi_reference == "auto":
         xi_reference = "random_matrix" if check.pretrained else "init"
     said = " and ".join(f"{name}='auto'" for name in auto) or "xi_reference='auto'"
-    return Method(rule, init, xi_reference, f"{said} and the {check.reason}")
+    return Method(rule, init, xi_reference, f"{said} and the {check.reason}", warmup)
 
 
 def rank_overrides(targets: Sequence[str], rank_pattern: Mapping[str, int]) -> dict[str, int]:
@@ -165,14 +174,16 @@ def fixed_ratio_saves(config: CuttlefishConfig, shapes: Mapping[str, Sequence[in
 
 
 def schedule_warnings(config: CuttlefishConfig, *, total_steps: int | None, forced_step: int | None,
-                      measurement_period: int | None, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+                      measurement_period: int | None, shapes: Mapping[str, Sequence[int]],
+                      waits_for_stable_ranks: bool = True) -> list[str]:
     """What the configured bounds cannot do in a run of ``total_steps``, or that a fixed rank ratio already
-    factorizes nothing: messages for the user, at train begin."""
+    factorizes nothing: messages for the user, at train begin. (A cuttlefish run that does not wait for the
+    stable ranks, ``warmup="statistics"``, needs no bound.)"""
     said = []
     if config.resolved_rank_rule == "fixed_ratio" and not fixed_ratio_saves(config, shapes):
         said.append(f"Cuttlefish: at rank_ratio={config.rank_ratio:g} no target layer's factors would hold fewer "
                     "parameters than the dense weight, so nothing will be factorized; lower rank_ratio.")
-    if config.mode == "si_fd":
+    if config.mode == "si_fd" or (config.mode == "cuttlefish" and not waits_for_stable_ranks):
         return said
     bound = "fixed_warmup_fraction" if config.mode == "pufferfish" else "max_warmup_fraction"
     if total_steps is None:

@@ -145,6 +145,11 @@ class ActivationStats:
         """Layers seen at least once."""
         return list(self._slot_of)
 
+    @property
+    def fewest_tokens(self) -> int:
+        """Tokens recorded for the input with the fewest (0 before any forward pass)."""
+        return min(self._counts, default=0)
+
     def count(self, name: str) -> int:
         """Tokens recorded for ``name``."""
         return self._counts[self._slot_of[name]]

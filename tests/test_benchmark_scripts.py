@@ -32,7 +32,7 @@ def test_pretrained_rank_rules_smoke(tmp_path):
     record = json.loads((tmp_path / "out" / "runs" / "kind_svd-f0.50-seed7.json").read_text())
     summary = record["cuttlefish"]
     assert (summary["rank_rule"], summary["init"]) == ("kind_fractions", "svd")
-    assert summary["switch_step"] == 1  # max_warmup_fraction 1/3 of the 2 steps
+    assert summary["switch_step"] == 1  # warmup="auto" on pretrained weights, an init that records nothing
     assert record["target_fraction"] == 0.5 and abs(record["kept_fraction"] - 0.5) < 0.01
     assert '"ffn": 0.5833' in record["command"] and str(REPO) not in record["command"]
 

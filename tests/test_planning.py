@@ -50,12 +50,13 @@ def test_one_verdict_resolves_rule_init_and_xi_reference(pretrained, expected):
     method = resolve_method(CuttlefishConfig(), *_init_ranks(model))
     assert (method.rank_rule, method.init, method.xi_reference) == expected
     assert method.records_inputs == (expected[1] == "whitened")
-    assert method.reason.startswith("rank_rule='auto' and init='auto' and the weights look")
+    assert method.reason.startswith("rank_rule='auto' and init='auto' and warmup='auto' and the weights look")
+    assert method.warmup == ("statistics" if pretrained else "stable_ranks")
 
 
 def test_explicit_choices_need_no_verdict():
-    method = resolve_method(CuttlefishConfig(rank_rule="energy", init="svd"), {}, {})
-    assert method == Method("energy", "svd", "auto", "set in the config")
+    method = resolve_method(CuttlefishConfig(rank_rule="energy", init="svd", warmup="stable_ranks"), {}, {})
+    assert method == Method("energy", "svd", "auto", "set in the config", "stable_ranks")
     # the baselines: fixed ratio, plain SVD
     method = resolve_method(CuttlefishConfig(mode="pufferfish"), {}, {})
     assert (method.rank_rule, method.init) == ("fixed_ratio", "svd") and "pufferfish mode" in method.reason

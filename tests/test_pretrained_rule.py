@@ -26,12 +26,16 @@ def batch(seed: int = 0, size: int = 16, length: int = 12) -> torch.Tensor:
 @pytest.mark.parametrize("config, pretrained, rule, init, reason", [
     (CuttlefishConfig(), False, "scaled_stable_rank", "svd", "randomly initialized"),
     (CuttlefishConfig(), True, "kind_fractions", "whitened", "look pretrained"),
-    (CuttlefishConfig(rank_rule="energy"), True, "energy", "whitened", "init='auto' and the weights look pretrained"),
-    (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd", "set in the config"),
-    (CuttlefishConfig(rank_rule="kind_fractions", init="whitened"), False, "kind_fractions", "whitened",
+    (CuttlefishConfig(rank_rule="energy"), True, "energy", "whitened",
+     "init='auto' and warmup='auto' and the weights look pretrained"),
+    (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd", "warmup='auto' and the weights look"),
+    (CuttlefishConfig(rank_rule="energy", init="svd", warmup="statistics"), True, "energy", "svd",
      "set in the config"),
-    (CuttlefishConfig(rank_rule="activation_aware"), False, "kind_fractions", "whitened", "set in the config"),
-    (CuttlefishConfig(init="svd"), True, "kind_fractions", "svd", "rank_rule='auto' and the weights look pretrained"),
+    (CuttlefishConfig(rank_rule="kind_fractions", init="whitened"), False, "kind_fractions", "whitened",
+     "warmup='auto' and the weights look randomly initialized"),
+    (CuttlefishConfig(rank_rule="activation_aware"), False, "kind_fractions", "whitened", "warmup='auto'"),
+    (CuttlefishConfig(init="svd"), True, "kind_fractions", "svd",
+     "rank_rule='auto' and warmup='auto' and the weights look pretrained"),
     (CuttlefishConfig(mode="pufferfish"), True, "fixed_ratio", "svd", "pufferfish mode"),
 ])
 def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrained, rule, init, reason):
@@ -49,7 +53,8 @@ def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrain
 
 def test_statistics_restart_after_each_measurement_and_stop_at_the_token_cap():
     model = pretrained_like(tiny_bert()).train()
-    config = CuttlefishConfig(measure_every_steps=1, min_warmup_measurements=50, activation_tokens=100)
+    config = CuttlefishConfig(measure_every_steps=1, min_warmup_measurements=50, activation_tokens=100,
+                              warmup="stable_ranks")
     controller = Cuttlefish(model, config, total_steps=1000)
     controller.begin()
     name = controller.targets[0]
@@ -156,3 +161,71 @@ def test_trainer_fine_tune_of_pretrained_weights_uses_the_pretrained_rule_and_wh
     assert controller.activations is None and summary["statistics_seconds"] > 0
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > controller.switch_step]
     assert len(losses) > 5 and all(math.isfinite(loss) for loss in losses)
+
+
+# -- when pretrained weights switch: warmup="statistics" ------------------------------------------------------
+def forward_and_step(model, controller, step: int):
+    model(input_ids=batch(step))  # 16 x 12 = 192 tokens per layer
+    return controller.step_end(step)
+
+
+def test_pretrained_weights_switch_as_soon_as_the_inputs_are_recorded():
+    model = pretrained_like(tiny_bert()).train()
+    controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=400, measure_every_steps=1), total_steps=100)
+    controller.begin()
+    assert controller.method.warmup == "statistics" and "warmup='auto'" in controller.rank_rule_reason
+    assert forward_and_step(model, controller, 1) is None and forward_and_step(model, controller, 2) is None
+    result = forward_and_step(model, controller, 3)  # 576 >= 400 tokens in every recorded input
+    assert result is not None and controller.switch_step == 3 and controller.switched
+    assert controller.measured_steps == []  # no stable-rank warm-up (its measurements would restart the inputs)
+    assert controller.summary()["warmup"] == "statistics"
+
+
+@pytest.mark.parametrize("pretrained, config, switch_step", [
+    (False, CuttlefishConfig(activation_tokens=400, init="whitened"), None),    # from scratch: wait for the ranks
+    (True, CuttlefishConfig(activation_tokens=400, warmup="stable_ranks"), None),  # as configured
+    (True, CuttlefishConfig(init="svd"), 1),                  # nothing to record: the first step
+    (False, CuttlefishConfig(warmup="statistics", init="svd", rank_rule="fixed_ratio"), 1),
+    (True, CuttlefishConfig(mode="pufferfish", activation_tokens=400), None),  # baselines keep their schedule
+])
+def test_the_warmup_follows_the_verdict_and_the_config(pretrained, config, switch_step):
+    model = pretrained_like(tiny_bert()) if pretrained else tiny_bert()
+    model.train()
+    config.measure_every_steps, config.max_warmup_fraction, config.fixed_warmup_fraction = 100, 0.9, 0.9
+    controller = Cuttlefish(model, config, total_steps=100)
+    controller.begin()
+    for step in range(1, 5):
+        forward_and_step(model, controller, step)
+    assert controller.switch_step == switch_step
+
+
+def test_statistics_warmup_does_not_switch_at_the_last_step_and_needs_no_bound(caplog):
+    model = pretrained_like(tiny_bert()).train()
+    with caplog.at_level("WARNING", logger="cuttlefish_hf.controller"):
+        controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=100, max_warmup_fraction=1.0),
+                                total_steps=1)
+        controller.begin()
+    assert "bound" not in caplog.text  # max_warmup_fraction is no concern of a run that does not wait for it
+    assert forward_and_step(model, controller, 1) is None and not controller.decided
+
+
+def test_statistics_warmup_switches_at_the_bound_when_the_inputs_never_fill_up():
+    model = pretrained_like(tiny_bert()).train()
+    controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=10**6, max_warmup_fraction=0.03),
+                            total_steps=100)
+    controller.begin()
+    for step in range(1, 5):
+        forward_and_step(model, controller, step)
+    assert controller.switch_step == 3 and controller.switched  # ceil(0.03 * 100)
+
+
+def test_a_checkpoint_from_before_warmup_resumes_waiting_for_the_stable_ranks():
+    model = pretrained_like(tiny_bert())
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    controller.begin()
+    state = controller.state_dict()
+    assert state["method"][4] == "statistics"
+    state["method"] = state["method"][:4]  # saved before the field existed
+    resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    resumed.load_state_dict(state)
+    assert resumed.method.warmup == "stable_ranks"
