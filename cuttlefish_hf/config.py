@@ -24,13 +24,13 @@ logger = get_logger(__name__)
 # registries of rank_rules.py and inits.py hold exactly these names.
 MODES = ("cuttlefish", "pufferfish", "si_fd")
 RANK_RULES = ("scaled_stable_rank", "stable_rank", "energy", "fixed_ratio", "kind_fractions")
-INITS = ("svd", "whitened", "fisher_whitened")
+INITS = ("svd", "whitened")
 # What the fields accept: the registered names, "auto", and the name of 0.1's combined rule.
 LEGACY_RANK_RULES = {"activation_aware": ("kind_fractions", "whitened")}  # rank_rule -> (rank_rule, init)
 CONFIG_RANK_RULES = ("auto", *RANK_RULES, *LEGACY_RANK_RULES)
 CONFIG_INITS = ("auto", *INITS)
 XI_REFERENCES = ("auto", "init", "random_matrix")
-WARMUPS = ("auto", "stable_ranks", "statistics")
+WARMUPS = ("auto", "stable_ranks", "fixed")
 LAYER_KINDS = ("attention", "ffn", "other")
 # The measured default for fine-tuning pretrained transformers (benchmarks/pretrained_rank_rules.py): whitened
 # init, FFN matrices keep 70% of their parameters and attention matrices 40% (60% overall with a 4x FFN).
@@ -136,7 +136,6 @@ _RANGES = {
     "frobenius_decay": _Range(float, 0, 1, also=(None,), meaning="or None for the mode's default",
                               why="the paper uses 1e-4; larger values swamp the loss's gradient"),
     "rewarmup_steps": _Range(int, 0, 10**7, why="longer than any run"),
-    "distillation": _Range(float, 0, 1, why="it is the teacher's share of the loss"),
     "power_iterations": _Range(int, 1, 1000, why="each one is a pass over every tracked weight at every "
                                "measurement; warm-started, 4 suffice"),
     "power_iteration_seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
@@ -181,10 +180,8 @@ class CuttlefishConfig:
         "'kind_fractions' with init='whitened'.)")})
     init: str = field(default="auto", metadata={"help": (
         "How the factors start: 'svd' (truncated SVD of the weight), 'whitened' (truncated in the metric of the "
-        "layer's inputs recorded before the switch, SVD-LLM-style; Linear layers, others take 'svd'), "
-        "'fisher_whitened' (whitened, with each output's error weighted by the optimizer's squared-gradient "
-        "averages, FWSVD-style; needs an Adam-family optimizer) or 'auto' ('whitened' when the targets look "
-        "pretrained, else 'svd').")})
+        "layer's inputs recorded before the switch, SVD-LLM-style; Linear layers, others take 'svd') or 'auto' "
+        "('whitened' when the targets look pretrained, else 'svd').")})
     xi_reference: str = field(default="auto", metadata={"help": (
         "Where scaled_stable_rank takes srank(W_0) from: 'init' (snapshot at train begin, for training from "
         "scratch), 'random_matrix' (a Gaussian matrix of the same shape, for pretrained weights) or 'auto' "
@@ -217,17 +214,18 @@ class CuttlefishConfig:
     ema_decay: float = field(default=0.5, metadata={"help": "EMA factor smoothing each stable-rank curve."})
     warmup: str = field(default="auto", metadata={"help": (
         "When cuttlefish mode switches. 'stable_ranks' (the paper's): train full-rank until the stable ranks "
-        "settle, within min_warmup_measurements and max_warmup_fraction. 'statistics': as soon as the factor "
-        "init has what it needs (activation_tokens recorded input tokens per layer for the whitened inits, "
-        "the first step otherwise), for pretrained weights: their ranks (kind_fractions) read no spectrum, and "
-        "every step trained at low rank wins back accuracy (on MiniLM, switching at step 4 of 375 beat step "
-        "150). 'auto': 'statistics' when the targets look pretrained, else 'stable_ranks'.")})
+        "settle, within min_warmup_measurements and max_warmup_fraction. 'fixed': after fixed_warmup_fraction of "
+        "the planned steps, without stable-rank measurements (the whitened init's inputs are the last "
+        "activation_tokens recorded before it): for pretrained weights, whose ranks barely move while the "
+        "switch point decides the accuracy. 'auto': 'fixed' when the targets look pretrained, else "
+        "'stable_ranks'.")})
     min_warmup_measurements: int = field(default=2, metadata={"help": (
         "Never switch before this many measurements.")})
     max_warmup_fraction: float = field(default=0.5, metadata={"help": (
         "Always switch once this fraction of the planned training steps is done (cuttlefish mode).")})
     fixed_warmup_fraction: float = field(default=0.25, metadata={"help": (
-        "Pufferfish mode: switch after this fraction of the planned training steps.")})
+        "Pufferfish mode, and cuttlefish mode with warmup='fixed' (pretrained weights, by default): switch after "
+        "this fraction of the planned training steps.")})
     skip_first_blocks: int | str | None = field(default=None, metadata={"help": (
         "Keep the first K repeated blocks full-rank (None or 'none': 0, or 1 for pufferfish). 'auto': at the "
         "switch, time each planned layer dense and factorized on the training device and keep full-rank every "
@@ -249,10 +247,6 @@ class CuttlefishConfig:
         "Mutually exclusive with Frobenius decay.")})
     rewarmup_steps: int = field(default=0, metadata={"help": (
         "After the switch, ramp the learning rate linearly from 0 back to the schedule over this many steps.")})
-    distillation: float = field(default=0.0, metadata={"help": (
-        "After the switch, the share of the training loss taken by self-distillation from the dense model at "
-        "the switch (a frozen copy: one more model in memory, one more forward pass per step); 0: off. Needs a "
-        "model that computes its loss (labels in the batch).")})
     power_iterations: int = field(default=4, metadata={"help": (
         "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
     power_iteration_seed: int = field(default=0, metadata={"help": (
@@ -275,8 +269,8 @@ class CuttlefishConfig:
             self.rank_rule = rule
             if self.init == "auto" and self.mode == "cuttlefish":  # the baselines ignore the rank rule
                 self.init = init
-        if self.mode == "si_fd" and self.init in ("whitened", "fisher_whitened"):
-            raise ValueError(f"init={self.init!r} needs the layers' inputs recorded before the switch, but si_fd mode "
+        if self.mode == "si_fd" and self.init == "whitened":
+            raise ValueError("init='whitened' needs the layers' inputs recorded before the switch, but si_fd mode "
                              "factorizes at step 0; use init='svd' (or 'auto').")
         if not (self.extra_bn is None or isinstance(self.extra_bn, bool)):
             raise ValueError(f"extra_bn must be True, False or None (the mode's default), got {_show(self.extra_bn)}"

@@ -23,7 +23,6 @@ Example (a custom loop)::
                 model = accelerator.prepare(accelerator.unwrap_model(model))  # re-wrap DDP, if any
         if controller.epoch_end(step, optimizer, scheduler):
             model = accelerator.prepare(accelerator.unwrap_model(model))
-    controller.end()  # releases the self-distillation teacher, if any
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ import torch
 from torch import nn
 
 from .config import LEGACY_RANK_RULES, CuttlefishConfig
-from .distillation import SelfDistillation
 from .inits import make_init
 from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
 from .logging_utils import get_logger
-from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_, squared_gradient_averages
+from .optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_
 from .planning import (Method, forced_switch_step, keep_dense, plan_switch, resolve_method, schedule_warnings,
                        select_targets)
 from .profiling import ProfileReport, profile_layers
@@ -114,7 +112,7 @@ class Cuttlefish:
         self.init_stable_ranks: dict[str, float] | None = None
         self.method: Method | None = None  # resolved once, at begin()
         self.activations: ActivationStats | None = None  # input statistics for the whitened init
-        self.distillation: SelfDistillation | None = None  # the dense model's copy teaching after the switch
+        self._steps_to_record: int | None = None  # fixed warm-up: steps the first activation_tokens took
         self.switch_step: int | None = None
         self.report: FactorizationReport | None = None
         self.decisions: list[RankDecision] = []
@@ -174,10 +172,9 @@ class Cuttlefish:
                     self._adopt_factors(optimizer, scheduler)
             return None
         self._resolve_method()
-        warnings = schedule_warnings(self.config, total_steps=self.total_steps,
-                                     forced_step=forced_switch_step(self.config, self.total_steps),
+        warnings = schedule_warnings(self.config, total_steps=self.total_steps, forced_step=self._forced_step(),
                                      measurement_period=self._measurement_period(), shapes=self._shapes(),
-                                     waits_for_stable_ranks=self.method.warmup == "stable_ranks")
+                                     warmup=self.method.warmup)
         for message in warnings:
             logger.warning(message)
         self._start_recording()
@@ -193,8 +190,8 @@ class Cuttlefish:
             self.init_stable_ranks = dict(zip(weights, stable_ranks(list(weights.values()))))
         if self.method is None:
             self.method = resolve_method(self.config, self.init_stable_ranks, self._shapes())
-            when = ("as soon as the init's input statistics are recorded" if self.method.warmup == "statistics"
-                    else "once the stable ranks settle")
+            when = {"fixed": f"after fixed_warmup_fraction={self.config.fixed_warmup_fraction:g} of the steps",
+                    "stable_ranks": "once the stable ranks settle"}[self.method.warmup]
             logger.log(self.log_level, "Cuttlefish will switch %s, choose ranks with the %s rule and start the "
                        "factors from the %s init (%s).", when if self.config.mode == "cuttlefish" else
                        f"as {self.config.mode} mode does", self.method.rank_rule, self.method.init,
@@ -228,8 +225,11 @@ class Cuttlefish:
         """Whether training goes on after ``step``: a switch at the last step would leave an untrained model."""
         return self.total_steps is None or step < self.total_steps
 
+    def _forced_step(self) -> int | None:
+        return forced_switch_step(self.config, self.total_steps, self.method.warmup if self.method else "stable_ranks")
+
     def _bound_reached(self, step: int) -> bool:
-        forced = forced_switch_step(self.config, self.total_steps)
+        forced = self._forced_step()
         return forced is not None and step >= forced and self._steps_left(step)
 
     def _on_measurement_point(self, step: int, optimizer, scheduler) -> SwitchResult | None:
@@ -261,26 +261,29 @@ class Cuttlefish:
             self._last_step_end = time.perf_counter()  # the next interval excludes measuring and the switch
 
     @property
-    def _waits_for_statistics(self) -> bool:
-        """``warmup="statistics"``: the switch waits for the init's input statistics, not for stable ranks
-        (no stable-rank measurements before it)."""
-        return self.method is not None and self.method.warmup == "statistics" and self.config.mode == "cuttlefish"
+    def _fixed_warmup(self) -> bool:
+        """``warmup="fixed"``: the switch comes at the bound, with no stable-rank measurements before it."""
+        return self.method is not None and self.method.warmup == "fixed" and self.config.mode == "cuttlefish"
 
-    def _statistics_ready(self) -> bool:
-        """Whether every recorded input holds ``activation_tokens`` tokens (True when the init records none),
-        as rank 0 sees it."""
-        stats = self.activations
-        return _from_rank_zero(stats is None or stats.fewest_tokens >= self.config.activation_tokens)
+    def _rearm_statistics(self, step: int) -> None:
+        """Fixed warm-up: the first ``activation_tokens`` took ``k`` steps to record; start over ``k`` steps
+        before the switch, so the whitened init sees the inputs of the model it factorizes."""
+        stats, forced = self.activations, self._forced_step()
+        if stats is None or forced is None:
+            return
+        if self._steps_to_record is None and stats.fewest_tokens >= self.config.activation_tokens:
+            self._steps_to_record = step
+        if self._steps_to_record is not None and step == forced - self._steps_to_record > self._steps_to_record:
+            stats.reset()
 
     def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
         if self.decided:
             if not self._speed_reported and len(self.timings.step_intervals["low_rank"]) >= SPEED_REPORT_STEPS:
                 self.report_speed()
             return None
-        if self._waits_for_statistics:  # max_warmup_fraction still bounds a run whose inputs never fill up
-            if (self._statistics_ready() or self._bound_reached(step)) and self._steps_left(step):
-                return self.switch(step, optimizer, scheduler)
-            return None
+        if self._fixed_warmup:
+            self._rearm_statistics(step)
+            return self.switch(step, optimizer, scheduler) if self._bound_reached(step) else None
         if self.config.measure_every_steps and step % self.config.measure_every_steps == 0:
             return self._on_measurement_point(step, optimizer, scheduler)
         # Per-epoch measuring: an epoch's last step waits for epoch_end, which measures and then switches.
@@ -292,7 +295,7 @@ class Cuttlefish:
 
     def epoch_end(self, step: int, optimizer=None, scheduler=None) -> SwitchResult | None:
         """Call after each epoch. Measures when measuring per epoch; returns the switch, if it happened."""
-        if self.decided or self.config.measure_every_steps or self._waits_for_statistics:
+        if self.decided or self.config.measure_every_steps or self._fixed_warmup:
             return None
         return self._on_measurement_point(step, optimizer, scheduler)
 
@@ -327,18 +330,6 @@ class Cuttlefish:
                            "the whitened init falls back to plain SVD factors.")
         return covariances
 
-    def _squared_gradients(self, optimizer, names) -> dict[str, torch.Tensor] | None:
-        """The optimizer's squared-gradient averages of the layers in ``names``, when the init reads them."""
-        if not self.method.reads_optimizer_moments:
-            return None
-        averages = {} if optimizer is None else squared_gradient_averages(
-            optimizer, {name: self.model.get_submodule(name) for name in names})
-        if len(averages) < len(names):
-            logger.warning(f"The {self.method.init} init found no squared-gradient averages (an Adam-family "
-                           f"optimizer's exp_avg_sq) for {len(names) - len(averages)} of {len(names)} layers; "
-                           "those start from the whitened init.")
-        return averages
-
     def switch(self, step: int, optimizer=None, scheduler=None, *,
                stable_ranks_now: dict[str, float] | None = None) -> SwitchResult:
         """Factorize now: decide ranks, swap the layers, and update ``optimizer`` without losing state
@@ -356,14 +347,9 @@ class Cuttlefish:
             self.decisions = keep_dense(self.decisions, self._slow_layers(self.decisions))
         plan = {d.name: d.rank for d in self.decisions if d.factorize}
         old = {name: self.model.get_submodule(name).weight for name in plan}
-        init = make_init(self.method.init, covariances=covariances,
-                         squared_gradients=self._squared_gradients(optimizer, plan))
-        if plan and self.config.distillation:  # the teacher is the dense model, copied before the cut
-            self.distillation = SelfDistillation(self.model, self.config.distillation)
+        init = make_init(self.method.init, covariances=covariances)
         self.report = factorize_(self.model, plan, init=init, extra_bn=self.config.resolved_extra_bn,
                                  stable_ranks={d.name: d.stable_rank for d in self.decisions})
-        if self.distillation is not None:
-            self.distillation.attach(self.model)
         self.switch_step = step
         # Nothing factorized: no optimizer change, no Frobenius decay or re-warm-up hooks on a dense model.
         result = self._swap_in_optimizer(step, optimizer, scheduler, old) if plan else \
@@ -403,8 +389,7 @@ class Cuttlefish:
                            step, epoch, len(self.decisions), kept, self.rank_rule, self.rank_rule_reason)
             return
         t = self.timings
-        after = ("once the layers' inputs were recorded (warmup='statistics')" if self._waits_for_statistics
-                 else f"after {len(self.measured_steps)} measurements")
+        after = "(warmup='fixed')" if self._fixed_warmup else f"after {len(self.measured_steps)} measurements"
         logger.log(self.log_level, "Cuttlefish switched to low rank at step %d%s %s (%s mode, %s rule, %s init: %s); "
                    "measuring took %.2fs in all, the switch %.2fs (profiling %.2fs of it).\n%s",
                    step, epoch, after, self.config.mode, self.rank_rule, self.method.init,
@@ -437,12 +422,6 @@ class Cuttlefish:
         if self.config.rewarmup_steps:
             done = 0 if step is None or self.switch_step is None else step - self.switch_step
             self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
-
-    def end(self) -> None:
-        """Training is over: release the self-distillation teacher (and its hook). Integrations call it."""
-        if self.distillation is not None:
-            self.distillation.close()
-            self.distillation = None
 
     # -- reporting and checkpoints ----------------------------------------------------------------------
     def step_times(self) -> dict[str, float | None]:
@@ -495,6 +474,7 @@ class Cuttlefish:
             "method": None if method is None else [method.rank_rule, method.init, method.xi_reference, method.reason,
                                                    method.warmup],
             "switch_step": self.switch_step,
+            "steps_to_record": self._steps_to_record,
             "factorized_before_training": self.factorized_before_training,
             "report": self.report.to_dict() if self.report else None,
             **self.timings.state_dict(),
@@ -514,17 +494,13 @@ class Cuttlefish:
             self.method = Method(rule, init, self.config.xi_reference, state.get("rank_rule_reason", ""))
         self.timings.load_state_dict(state)
         self.switch_step = state["switch_step"]
+        self._steps_to_record = state.get("steps_to_record")
         self.factorized_before_training = state.get("factorized_before_training", False)
         self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])
         present = {n: m.rank for n, m in self._factorized_modules().items()}
         if present != (self.report.plan if self.report else {}):
             raise ValueError("The model's factorized layers do not match the saved Cuttlefish plan; load the "
                              "checkpoint's weights into the model before restoring the controller.")
-        if self.switched and self.config.distillation:
-            logger.warning(f"Resumed after the switch with distillation={self.config.distillation}: the teacher "
-                           "(the dense model at the switch) is not part of checkpoints, so the remaining steps "
-                           "train on the task loss alone. To distill throughout, train without interruption "
-                           "after the switch.")
         if not self.decided and self.init_stable_ranks is not None:  # resumed in the warm-up: go on as begin()
             # Input statistics restart empty; restore the period's with load_statistics_state (checkpoints that
             # the Trainer integration writes hold them).

@@ -22,9 +22,9 @@ import torch
 
 from .config import INITS as INIT_NAMES
 from .layers import svd_factors
-from .whitening import DEFAULT_DAMPING, fisher_output_weights, whitened_factors
+from .whitening import DEFAULT_DAMPING, whitened_factors
 
-__all__ = ["FactorInit", "INITS", "fisher_whitened_init", "make_init", "svd_init", "whitened_init"]
+__all__ = ["FactorInit", "INITS", "make_init", "svd_init", "whitened_init"]
 
 FactorInit = Callable[[str, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -49,35 +49,16 @@ def whitened_init(covariances: Mapping[str, torch.Tensor], damping: float = DEFA
     return init
 
 
-def fisher_whitened_init(covariances: Mapping[str, torch.Tensor],
-                         squared_gradients: Mapping[str, torch.Tensor]) -> FactorInit:
-    """The whitened init with each output's error also weighted by its importance to the loss
-    (:func:`fisher_output_weights` of the optimizer's squared-gradient averages, FWSVD's Fisher weighting on the
-    output side); a layer without them takes the whitened init."""
-    if covariances is None or squared_gradients is None:
-        raise ValueError("The fisher_whitened init needs input covariances and squared-gradient averages: "
-                         "make_init('fisher_whitened', covariances=..., squared_gradients=...).")
-    def init(name: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        squared = squared_gradients.get(name)
-        return whitened_factors(matrix, covariances.get(name), rank,
-                                output_weights=None if squared is None else fisher_output_weights(squared))
-
-    return init
-
-
 # name -> builder(**what the controller has at the switch) -> FactorInit
 INITS: dict[str, Callable[..., FactorInit]] = {
     "svd": lambda **_: svd_init,
     "whitened": lambda covariances=None, **_: whitened_init(covariances),
-    "fisher_whitened": lambda covariances=None, squared_gradients=None, **_: fisher_whitened_init(
-        covariances, squared_gradients),
 }
 assert set(INITS) == set(INIT_NAMES), "config.INITS names the registered inits"
 
 
 def make_init(name: str, **available: Any) -> FactorInit:
-    """The init ``name`` built from ``available`` (``covariances={layer: C}`` for ``"whitened"``, and
-    ``squared_gradients={layer: (out, in*k*k) matrix}`` too for ``"fisher_whitened"``)."""
+    """The init ``name`` built from ``available`` (``covariances={layer: C}`` for ``"whitened"``)."""
     if name not in INITS:
         raise ValueError(f"Unknown factor init {name!r}; choose one of {tuple(INITS)}.")
     return INITS[name](**available)

@@ -14,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import FactorizedLayer, is_conv1d
+from .layers import FactorizedLayer
 
-__all__ = ["unwrap_optimizer", "replace_parameters_", "squared_gradient_averages", "attach_frobenius_decay",
-           "attach_rewarmup"]
+__all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", "attach_rewarmup"]
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -34,18 +33,6 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"Expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}.")
     return optimizer
-
-
-def squared_gradient_averages(optimizer, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Each module's weight's ``exp_avg_sq`` (Adam-family optimizers) as its ``(out, in*k*k)`` matrix, a free
-    diagonal-Fisher estimate; modules whose weight has none (other optimizers, no step yet) are left out."""
-    state = unwrap_optimizer(optimizer).state
-    averages = {}
-    for name, module in modules.items():
-        squared = state.get(module.weight, {}).get("exp_avg_sq")
-        if squared is not None and squared.shape == module.weight.shape:
-            averages[name] = squared.T if is_conv1d(module) else squared.reshape(squared.shape[0], -1)
-    return averages
 
 
 def _zero_decay_group(optimizer: torch.optim.Optimizer, like: dict, scheduler) -> dict:

@@ -22,7 +22,8 @@ from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_ran
 from .targeting import block_indices, find_targets, matches
 
 __all__ = ["Method", "PretrainedCheck", "detect_pretrained", "fixed_ratio_saves", "forced_switch_step", "keep_dense",
-           "plan_switch", "rank_overrides", "resolve_method", "schedule_warnings", "select_targets"]
+           "plan_switch", "rank_overrides", "resolve_method", "schedule_warnings", "select_targets",
+           "switches_at_a_fixed_step"]
 
 
 def select_targets(model: nn.Module, config: CuttlefishConfig) -> list[str]:
@@ -43,13 +44,19 @@ def select_targets(model: nn.Module, config: CuttlefishConfig) -> list[str]:
     return targets
 
 
-def forced_switch_step(config: CuttlefishConfig, total_steps: int | None) -> int | None:
-    """The step at which the switch happens whatever the ranks do (Pufferfish's fixed warm-up, or
-    Cuttlefish's ``max_warmup_fraction``); None when unknown or never (SI&FD switches at step 0)."""
+def switches_at_a_fixed_step(config: CuttlefishConfig, warmup: str = "stable_ranks") -> bool:
+    """Pufferfish, and Cuttlefish with ``warmup="fixed"``: the switch comes after ``fixed_warmup_fraction``."""
+    return config.mode == "pufferfish" or (config.mode == "cuttlefish" and warmup == "fixed")
+
+
+def forced_switch_step(config: CuttlefishConfig, total_steps: int | None, warmup: str = "stable_ranks") -> int | None:
+    """The step at which the switch happens whatever the ranks do (the fixed warm-up of Pufferfish and of
+    ``warmup="fixed"``, or Cuttlefish's ``max_warmup_fraction``); None when unknown or never (SI&FD switches at
+    step 0)."""
     if total_steps is None or config.mode == "si_fd":
         return None
-    fraction = config.fixed_warmup_fraction if config.mode == "pufferfish" else config.max_warmup_fraction
-    return math.ceil(fraction * total_steps)
+    fixed = switches_at_a_fixed_step(config, warmup)
+    return math.ceil((config.fixed_warmup_fraction if fixed else config.max_warmup_fraction) * total_steps)
 
 
 @dataclass
@@ -100,12 +107,7 @@ class Method:
     @property
     def records_inputs(self) -> bool:
         """Whether the switch needs the layers' input statistics."""
-        return self.init in ("whitened", "fisher_whitened")
-
-    @property
-    def reads_optimizer_moments(self) -> bool:
-        """Whether the switch reads the optimizer's squared-gradient averages of the targets."""
-        return self.init == "fisher_whitened"
+        return self.init == "whitened"
 
 
 def resolve_method(config: CuttlefishConfig, init_stable_ranks: Mapping[str, float],
@@ -124,7 +126,7 @@ def resolve_method(config: CuttlefishConfig, init_stable_ranks: Mapping[str, flo
     if init == "auto":
         init = "whitened" if check.pretrained else "svd"
     if warmup == "auto":
-        warmup = "statistics" if check.pretrained else "stable_ranks"
+        warmup = "fixed" if check.pretrained else "stable_ranks"
     if xi_reference == "auto":
         xi_reference = "random_matrix" if check.pretrained else "init"
     said = " and ".join(f"{name}='auto'" for name in auto) or "xi_reference='auto'"
@@ -175,27 +177,26 @@ def fixed_ratio_saves(config: CuttlefishConfig, shapes: Mapping[str, Sequence[in
 
 def schedule_warnings(config: CuttlefishConfig, *, total_steps: int | None, forced_step: int | None,
                       measurement_period: int | None, shapes: Mapping[str, Sequence[int]],
-                      waits_for_stable_ranks: bool = True) -> list[str]:
+                      warmup: str = "stable_ranks") -> list[str]:
     """What the configured bounds cannot do in a run of ``total_steps``, or that a fixed rank ratio already
-    factorizes nothing: messages for the user, at train begin. (A cuttlefish run that does not wait for the
-    stable ranks, ``warmup="statistics"``, needs no bound.)"""
+    factorizes nothing: messages for the user, at train begin."""
     said = []
     if config.resolved_rank_rule == "fixed_ratio" and not fixed_ratio_saves(config, shapes):
         said.append(f"Cuttlefish: at rank_ratio={config.rank_ratio:g} no target layer's factors would hold fewer "
                     "parameters than the dense weight, so nothing will be factorized; lower rank_ratio.")
-    if config.mode == "si_fd" or (config.mode == "cuttlefish" and not waits_for_stable_ranks):
+    if config.mode == "si_fd":
         return said
-    bound = "fixed_warmup_fraction" if config.mode == "pufferfish" else "max_warmup_fraction"
+    fixed = switches_at_a_fixed_step(config, warmup)
+    bound = "fixed_warmup_fraction" if fixed else "max_warmup_fraction"
     if total_steps is None:
-        never = " and the model never switches" if config.mode == "pufferfish" else ""
+        never = " and the model never switches" if fixed else ""
         return [*said, f"Cuttlefish does not know the run's total steps, so {bound} cannot be applied{never}; pass "
                        "total_steps to Cuttlefish(...)."]
     if forced_step >= total_steps:
-        stays = "the model stays dense" if config.mode == "pufferfish" else \
-            "the model stays dense unless the ranks settle earlier"
+        stays = "the model stays dense" if fixed else "the model stays dense unless the ranks settle earlier"
         return [*said, f"Cuttlefish: the {bound} bound falls at step {forced_step} of {total_steps}, where no step "
                        f"is left to train at low rank: {stays}. Lower it."]
-    if config.mode != "cuttlefish" or not measurement_period:
+    if fixed or not measurement_period:
         return said
     fit = forced_step // measurement_period  # a measurement due at the bound's step is taken before the switch
     if fit < config.min_warmup_measurements:

@@ -18,7 +18,7 @@ import torch
 
 from .stable_rank import as_matrix
 
-__all__ = ["DEFAULT_DAMPING", "damped_cholesky", "fisher_output_weights", "output_error", "whitened_factors"]
+__all__ = ["DEFAULT_DAMPING", "damped_cholesky", "output_error", "whitened_factors"]
 
 DEFAULT_DAMPING = 0.01
 
@@ -42,35 +42,14 @@ def damped_cholesky(covariance: torch.Tensor, damping: float = DEFAULT_DAMPING) 
     raise RuntimeError("Cholesky of the damped activation covariance failed; raise `damping`.")
 
 
-def fisher_output_weights(squared_gradients: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """``(out,)`` weights of a layer's outputs from its weight's squared-gradient averages ``(out, in*k*k)``
-    (Adam's ``exp_avg_sq``, a diagonal Fisher estimate): ``sqrt(r_i + damping * mean(r))`` with ``r_i`` the
-    mean over row ``i``, normalized to mean 1 (all ones when the gradients hold no signal)."""
-    rows = as_matrix(squared_gradients).double().mean(dim=1)
-    mean = float(rows.mean()) if rows.numel() else 0.0
-    if not mean > 0 or not math.isfinite(mean):
-        return torch.ones_like(rows)
-    weights = (rows.clamp_min(0) + damping * mean).sqrt()
-    return weights / weights.mean()
-
-
 def whitened_factors(weight: torch.Tensor, covariance: torch.Tensor | None, rank: int, *,
-                     damping: float = DEFAULT_DAMPING, output_weights: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     damping: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first (rank, in), second (out, rank))``, fp32 (computed in fp64), truncated in the inputs' metric.
 
-    ``output_weights`` (``(out,)``, positive) also weight the error of each output: the truncation is then
-    that of ``D W L`` with ``D = diag(output_weights)`` (FWSVD's row importance on the output side).
-    Without a covariance (or one holding no signal) and weights this is the plain truncated SVD. At full rank
+    Without a covariance (or one holding no signal) this is the plain truncated SVD. At full rank
     ``second @ first == W``.
     """
     matrix = as_matrix(weight).double()
-    rows = None
-    if output_weights is not None:
-        rows = output_weights.detach().double().to(matrix.device)
-        if rows.shape != (matrix.shape[0],) or not bool((rows > 0).all() and torch.isfinite(rows).all()):
-            raise ValueError(f"output_weights must be {matrix.shape[0]} positive finite numbers.")
-        matrix = rows[:, None] * matrix
     factor = None
     if covariance is not None:
         if covariance.shape != (matrix.shape[1], matrix.shape[1]):
@@ -82,10 +61,7 @@ def whitened_factors(weight: torch.Tensor, covariance: torch.Tensor | None, rank
     first = root[:, None] * vh[:rank]
     if factor is not None:  # first @ L^{-1}: solve F L = A
         first = torch.linalg.solve_triangular(factor, first, upper=False, left=False)
-    second = u[:, :rank] * root
-    if rows is not None:
-        second = second / rows[:, None]
-    return first.float(), second.float()
+    return first.float(), (u[:, :rank] * root).float()
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, covariance: torch.Tensor, *,

@@ -51,7 +51,7 @@ def test_one_verdict_resolves_rule_init_and_xi_reference(pretrained, expected):
     assert (method.rank_rule, method.init, method.xi_reference) == expected
     assert method.records_inputs == (expected[1] == "whitened")
     assert method.reason.startswith("rank_rule='auto' and init='auto' and warmup='auto' and the weights look")
-    assert method.warmup == ("statistics" if pretrained else "stable_ranks")
+    assert method.warmup == ("fixed" if pretrained else "stable_ranks")
 
 
 def test_explicit_choices_need_no_verdict():

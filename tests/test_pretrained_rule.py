@@ -29,7 +29,7 @@ def batch(seed: int = 0, size: int = 16, length: int = 12) -> torch.Tensor:
     (CuttlefishConfig(rank_rule="energy"), True, "energy", "whitened",
      "init='auto' and warmup='auto' and the weights look pretrained"),
     (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd", "warmup='auto' and the weights look"),
-    (CuttlefishConfig(rank_rule="energy", init="svd", warmup="statistics"), True, "energy", "svd",
+    (CuttlefishConfig(rank_rule="energy", init="svd", warmup="fixed"), True, "energy", "svd",
      "set in the config"),
     (CuttlefishConfig(rank_rule="kind_fractions", init="whitened"), False, "kind_fractions", "whitened",
      "warmup='auto' and the weights look randomly initialized"),
@@ -163,35 +163,43 @@ def test_trainer_fine_tune_of_pretrained_weights_uses_the_pretrained_rule_and_wh
     assert len(losses) > 5 and all(math.isfinite(loss) for loss in losses)
 
 
-# -- when pretrained weights switch: warmup="statistics" ------------------------------------------------------
+# -- when pretrained weights switch: warmup="fixed" --------------------------------------------------------
 def forward_and_step(model, controller, step: int):
     model(input_ids=batch(step))  # 16 x 12 = 192 tokens per layer
     return controller.step_end(step)
 
 
-def test_pretrained_weights_switch_as_soon_as_the_inputs_are_recorded():
+def test_pretrained_weights_switch_at_the_fixed_fraction_with_the_last_inputs_before_it():
     model = pretrained_like(tiny_bert()).train()
-    controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=400, measure_every_steps=1), total_steps=100)
+    controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=400, measure_every_steps=1,
+                                                    fixed_warmup_fraction=0.1), total_steps=100)
     controller.begin()
-    assert controller.method.warmup == "statistics" and "warmup='auto'" in controller.rank_rule_reason
-    assert forward_and_step(model, controller, 1) is None and forward_and_step(model, controller, 2) is None
-    result = forward_and_step(model, controller, 3)  # 576 >= 400 tokens in every recorded input
-    assert result is not None and controller.switch_step == 3 and controller.switched
-    assert controller.measured_steps == []  # no stable-rank warm-up (its measurements would restart the inputs)
-    assert controller.summary()["warmup"] == "statistics"
+    assert controller.method.warmup == "fixed" and "warmup='auto'" in controller.rank_rule_reason
+    name = controller.targets[0]
+    recorded = {}
+    for step in range(1, 10):
+        assert forward_and_step(model, controller, step) is None
+        recorded[step] = controller.activations.count(name) if name in controller.activations.names else 0
+    # the first 400 tokens took 3 steps; recording starts over 3 steps before the switch (after step 7)
+    assert recorded == {1: 192, 2: 384, 3: 576, 4: 576, 5: 576, 6: 576, 7: 0, 8: 192, 9: 384}
+    result = forward_and_step(model, controller, 10)
+    assert result is not None and controller.switch_step == 10 and controller.switched
+    assert controller.measured_steps == []  # no stable-rank measurements (they would restart the inputs)
+    assert controller.summary()["warmup"] == "fixed"
 
 
 @pytest.mark.parametrize("pretrained, config, switch_step", [
-    (False, CuttlefishConfig(activation_tokens=400, init="whitened"), None),    # from scratch: wait for the ranks
-    (True, CuttlefishConfig(activation_tokens=400, warmup="stable_ranks"), None),  # as configured
-    (True, CuttlefishConfig(init="svd"), 1),                  # nothing to record: the first step
-    (False, CuttlefishConfig(warmup="statistics", init="svd", rank_rule="fixed_ratio"), 1),
-    (True, CuttlefishConfig(mode="pufferfish", activation_tokens=400), None),  # baselines keep their schedule
+    (False, CuttlefishConfig(init="whitened"), None),                       # from scratch: wait for the ranks
+    (True, CuttlefishConfig(warmup="stable_ranks"), None),                   # as configured
+    (True, CuttlefishConfig(init="svd"), 3),                                 # nothing to record
+    (False, CuttlefishConfig(warmup="fixed", init="svd", rank_rule="fixed_ratio"), 3),
+    (True, CuttlefishConfig(mode="pufferfish", fixed_warmup_fraction=0.5), None),  # its own fixed warm-up
 ])
 def test_the_warmup_follows_the_verdict_and_the_config(pretrained, config, switch_step):
     model = pretrained_like(tiny_bert()) if pretrained else tiny_bert()
     model.train()
-    config.measure_every_steps, config.max_warmup_fraction, config.fixed_warmup_fraction = 100, 0.9, 0.9
+    config.measure_every_steps, config.max_warmup_fraction = 100, 0.9
+    config.fixed_warmup_fraction = config.fixed_warmup_fraction if config.mode == "pufferfish" else 0.03
     controller = Cuttlefish(model, config, total_steps=100)
     controller.begin()
     for step in range(1, 5):
@@ -199,24 +207,14 @@ def test_the_warmup_follows_the_verdict_and_the_config(pretrained, config, switc
     assert controller.switch_step == switch_step
 
 
-def test_statistics_warmup_does_not_switch_at_the_last_step_and_needs_no_bound(caplog):
+def test_fixed_warmup_warns_like_pufferfish_when_its_step_leaves_nothing_to_train(caplog):
     model = pretrained_like(tiny_bert()).train()
     with caplog.at_level("WARNING", logger="cuttlefish_hf.controller"):
-        controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=100, max_warmup_fraction=1.0),
-                                total_steps=1)
+        controller = Cuttlefish(model, CuttlefishConfig(fixed_warmup_fraction=1.0, min_warmup_measurements=50),
+                                total_steps=10)
         controller.begin()
-    assert "bound" not in caplog.text  # max_warmup_fraction is no concern of a run that does not wait for it
-    assert forward_and_step(model, controller, 1) is None and not controller.decided
-
-
-def test_statistics_warmup_switches_at_the_bound_when_the_inputs_never_fill_up():
-    model = pretrained_like(tiny_bert()).train()
-    controller = Cuttlefish(model, CuttlefishConfig(activation_tokens=10**6, max_warmup_fraction=0.03),
-                            total_steps=100)
-    controller.begin()
-    for step in range(1, 5):
-        forward_and_step(model, controller, step)
-    assert controller.switch_step == 3 and controller.switched  # ceil(0.03 * 100)
+    assert "fixed_warmup_fraction bound falls at step 10 of 10" in caplog.text and "stays dense" in caplog.text
+    assert "min_warmup_measurements" not in caplog.text  # no stable-rank measurements to fit
 
 
 def test_a_checkpoint_from_before_warmup_resumes_waiting_for_the_stable_ranks():
@@ -224,8 +222,25 @@ def test_a_checkpoint_from_before_warmup_resumes_waiting_for_the_stable_ranks():
     controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     controller.begin()
     state = controller.state_dict()
-    assert state["method"][4] == "statistics"
+    assert state["method"][4] == "fixed"
     state["method"] = state["method"][:4]  # saved before the field existed
     resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     resumed.load_state_dict(state)
     assert resumed.method.warmup == "stable_ranks"
+
+
+def test_a_resumed_fixed_warm_up_starts_its_last_recording_at_the_same_step():
+    def run(controller, model, steps):
+        for step in steps:
+            forward_and_step(model, controller, step)
+
+    config = CuttlefishConfig(activation_tokens=400, fixed_warmup_fraction=0.1)
+    model = pretrained_like(tiny_bert()).train()
+    controller = Cuttlefish(model, config, total_steps=100)
+    controller.begin()
+    run(controller, model, range(1, 6))
+    resumed = Cuttlefish(model, config, total_steps=100)
+    resumed.load_state_dict(controller.state_dict())
+    resumed.load_statistics_state(controller.statistics_state())
+    run(resumed, model, [6, 7])
+    assert resumed.activations.names == []  # started over after step 7, as the uninterrupted run does

@@ -10,7 +10,7 @@ from cuttlefish_hf.layers import FactorizedLinear, svd_factors
 from cuttlefish_hf.statistics import ActivationStats
 from cuttlefish_hf.surgery import factorize_
 from cuttlefish_hf.targeting import find_targets
-from cuttlefish_hf.whitening import damped_cholesky, fisher_output_weights, output_error, whitened_factors
+from cuttlefish_hf.whitening import damped_cholesky, output_error, whitened_factors
 from helpers import tiny_bert
 
 
@@ -94,51 +94,3 @@ def test_damped_cholesky_of_a_covariance_without_signal_is_none():
     assert damped_cholesky(torch.zeros(4, 4)) is None
     chol = damped_cholesky(torch.ones(4, 4))  # rank 1: the damping makes it factor
     torch.testing.assert_close(chol @ chol.T, torch.ones(4, 4, dtype=torch.float64) + 0.01 * torch.eye(4, dtype=torch.float64))
-
-
-def test_output_weights_reproduce_weight_at_full_rank_and_minimize_the_weighted_error():
-    weight = torch.randn(12, 16, generator=_gen(5))
-    x = _correlated(400, 16, seed=6)
-    cov = x.T @ x / x.shape[0]
-    rows = torch.logspace(-1, 1, 12, dtype=torch.float64)  # outputs that matter 100x more than others
-    first, second = whitened_factors(weight, cov.float(), 12, output_weights=rows)
-    torch.testing.assert_close(second @ first, weight, rtol=1e-4, atol=1e-4)
-
-    def weighted_error(f, s):
-        return float((rows[:, None] * (weight.double() - (s @ f).double()) @ x.T).norm())
-
-    for rank in (2, 4, 8):
-        weighted = weighted_error(*whitened_factors(weight, cov, rank, damping=0.0, output_weights=rows))
-        unweighted = weighted_error(*whitened_factors(weight, cov, rank, damping=0.0))
-        assert weighted < 0.9 * unweighted, (rank, weighted, unweighted)
-
-
-def test_output_weights_must_fit_the_outputs():
-    with pytest.raises(ValueError, match="3 positive"):
-        whitened_factors(torch.randn(3, 4), None, 2, output_weights=torch.ones(4))
-    with pytest.raises(ValueError, match="3 positive"):
-        whitened_factors(torch.randn(3, 4), None, 2, output_weights=torch.tensor([1.0, 0.0, 1.0]))
-
-
-def test_fisher_output_weights_follow_row_means_with_damping():
-    squared = torch.tensor([[4.0, 4.0], [0.0, 0.0], [1.0, 1.0]])
-    weights = fisher_output_weights(squared, damping=0.0)
-    torch.testing.assert_close(weights, torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))  # mean 1
-    assert float(fisher_output_weights(squared).min()) > 0  # damping keeps every output
-    torch.testing.assert_close(fisher_output_weights(torch.zeros(3, 2)), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(fisher_output_weights(torch.full((3, 2), 7.0)), torch.ones(3, dtype=torch.float64))
-
-
-def test_fisher_whitened_init_weights_outputs_only_where_it_has_squared_gradients():
-    weight = torch.randn(6, 8, generator=_gen(7))
-    x = _correlated(100, 8, seed=8)
-    cov = x.T @ x / x.shape[0]
-    squared = torch.rand(6, 8, generator=_gen(9)) ** 4
-    init = make_init("fisher_whitened", covariances={"a": cov, "b": cov}, squared_gradients={"a": squared})
-    expected = whitened_factors(weight, cov, 3, output_weights=fisher_output_weights(squared))
-    for got, want in zip(init("a", weight, 3), expected):
-        torch.testing.assert_close(got, want)
-    for got, want in zip(init("b", weight, 3), whitened_factors(weight, cov, 3)):
-        torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="squared-gradient"):
-        make_init("fisher_whitened", covariances={})

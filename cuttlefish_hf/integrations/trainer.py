@@ -209,7 +209,6 @@ class CuttlefishCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if self.controller is not None:
             self.controller.report_speed()  # runs shorter than SPEED_REPORT_STEPS low-rank steps
-            self.controller.end()
 
     def on_epoch_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         measured = len(self.controller.measured_steps)
