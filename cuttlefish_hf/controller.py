@@ -28,6 +28,7 @@ Example (a custom loop)::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,9 +201,12 @@ class Cuttlefish:
     def _start_recording(self) -> None:
         """Hook the Linear targets to record their inputs' second moments, if the init needs them."""
         if self.method.records_inputs and not self.decided and self.activations is None:
-            modules = dict(self.model.named_modules())
-            linear = [name for name in self.targets if is_linear(modules[name])]
-            self.activations = ActivationStats(max_tokens=self.config.activation_tokens).start(self.model, linear)
+            stats = ActivationStats(max_tokens=self.config.activation_tokens)
+            self.activations = stats.start(self.model, self._linear_targets())
+
+    def _linear_targets(self) -> list[str]:
+        modules = dict(self.model.named_modules())
+        return [name for name in self.targets if is_linear(modules[name])]
 
     def _adopt_factors(self, optimizer, scheduler) -> None:
         """Give a model factorized before training what the switch gives new factors: no L2 weight decay
@@ -266,15 +270,19 @@ class Cuttlefish:
         return self.method is not None and self.method.warmup == "fixed" and self.config.mode == "cuttlefish"
 
     def _rearm_statistics(self, step: int) -> None:
-        """Fixed warm-up: the first ``activation_tokens`` took ``k`` steps to record; start over ``k`` steps
-        before the switch, so the whitened init sees the inputs of the model it factorizes."""
+        """Fixed warm-up: the first step's inputs tell how many steps ``activation_tokens`` take (``k``, one
+        spare); recording then pauses until ``k`` steps before the switch, so the whitened init sees the inputs
+        of the model it factorizes and the products run on ``k + 1`` steps only. Idempotent (resumes)."""
         stats, forced = self.activations, self._forced_step()
         if stats is None or forced is None:
             return
-        if self._steps_to_record is None and stats.fewest_tokens >= self.config.activation_tokens:
-            self._steps_to_record = step
-        if self._steps_to_record is not None and step == forced - self._steps_to_record > self._steps_to_record:
-            stats.reset()
+        if self._steps_to_record is None:
+            self._steps_to_record = math.ceil(self.config.activation_tokens / max(stats.fewest_tokens, 1)) + 1
+        wanted = step >= forced - self._steps_to_record
+        if wanted != stats.collecting:
+            stats.stop().reset()
+            if wanted:
+                stats.start(self.model, self._linear_targets())
 
     def _step_end(self, step: int, optimizer, scheduler) -> SwitchResult | None:
         if self.decided:
@@ -475,6 +483,7 @@ class Cuttlefish:
                                                    method.warmup],
             "switch_step": self.switch_step,
             "steps_to_record": self._steps_to_record,
+            "recording_paused": self.activations is not None and not self.activations.collecting,
             "factorized_before_training": self.factorized_before_training,
             "report": self.report.to_dict() if self.report else None,
             **self.timings.state_dict(),
@@ -506,6 +515,8 @@ class Cuttlefish:
             # the Trainer integration writes hold them).
             self._resolve_method()
             self._start_recording()
+            if state.get("recording_paused") and self.activations is not None:  # fixed warm-up, before its window
+                self.activations.stop()
 
     @property
     def period_start(self) -> int:

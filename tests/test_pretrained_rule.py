@@ -136,7 +136,8 @@ def test_a_warm_up_checkpoint_of_0_1_resumes_with_the_rule_and_init_it_meant():
     controller.begin()
     controller.activations.stop()
     state = controller.state_dict()
-    del state["method"]
+    for key in ("method", "steps_to_record", "recording_paused"):  # what 0.1 did not save
+        del state[key]
     state.update(rank_rule="activation_aware", rank_rule_reason="rank_rule='auto' and the weights look pretrained")
     resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     resumed.load_state_dict(state)
@@ -180,8 +181,8 @@ def test_pretrained_weights_switch_at_the_fixed_fraction_with_the_last_inputs_be
     for step in range(1, 10):
         assert forward_and_step(model, controller, step) is None
         recorded[step] = controller.activations.count(name) if name in controller.activations.names else 0
-    # the first 400 tokens took 3 steps; recording starts over 3 steps before the switch (after step 7)
-    assert recorded == {1: 192, 2: 384, 3: 576, 4: 576, 5: 576, 6: 576, 7: 0, 8: 192, 9: 384}
+    # step 1's 192 tokens: 400 take 3 steps, 4 with one spare; recording pauses until 4 steps before the switch
+    assert recorded == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 192, 8: 384, 9: 576}
     result = forward_and_step(model, controller, 10)
     assert result is not None and controller.switch_step == 10 and controller.switched
     assert controller.measured_steps == []  # no stable-rank measurements (they would restart the inputs)
@@ -229,18 +230,21 @@ def test_a_checkpoint_from_before_warmup_resumes_waiting_for_the_stable_ranks():
     assert resumed.method.warmup == "stable_ranks"
 
 
-def test_a_resumed_fixed_warm_up_starts_its_last_recording_at_the_same_step():
+def test_a_resumed_fixed_warm_up_records_the_same_steps():
     def run(controller, model, steps):
         for step in steps:
             forward_and_step(model, controller, step)
+        stats = controller.activations
+        return [stats.count(name) for name in stats.names]
 
     config = CuttlefishConfig(activation_tokens=400, fixed_warmup_fraction=0.1)
     model = pretrained_like(tiny_bert()).train()
     controller = Cuttlefish(model, config, total_steps=100)
     controller.begin()
     run(controller, model, range(1, 6))
-    resumed = Cuttlefish(model, config, total_steps=100)
+    copy = pretrained_like(tiny_bert()).train()  # the checkpoint's weights, in a new process
+    resumed = Cuttlefish(copy, config, total_steps=100)
     resumed.load_state_dict(controller.state_dict())
     resumed.load_statistics_state(controller.statistics_state())
-    run(resumed, model, [6, 7])
-    assert resumed.activations.names == []  # started over after step 7, as the uninterrupted run does
+    counts = run(resumed, copy, [6, 7, 8])
+    assert counts == run(controller, model, [6, 7, 8]) and set(counts) == {384}  # steps 7 and 8 only
