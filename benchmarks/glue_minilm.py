@@ -2,11 +2,13 @@
 
 Runs ``examples/glue/run_glue.py`` once per method and seed with the same schedule (the low-rank runs add the
 flags in ``METHOD_FLAGS``: Cuttlefish with its defaults, measuring every 25 steps; Pufferfish and SI&FD at rank
-ratio 1/4, Pufferfish switching after a quarter of training) and writes
-``benchmarks/results/glue_minilm_debian_sections.json`` and a markdown table next to it:
+ratio 1/4, Pufferfish switching after a quarter of training; the variants measured for the pretrained default)
+and writes ``benchmarks/results/glue_minilm_debian_sections.json`` and a markdown table next to it:
 
-    .venv/bin/python benchmarks/glue_minilm.py                                  # all four methods, seeds 42 43
-    .venv/bin/python benchmarks/glue_minilm.py --methods vanilla cuttlefish --seeds 42
+    .venv/bin/python benchmarks/glue_minilm.py                                  # four methods, seeds 42 43
+    .venv/bin/python benchmarks/glue_minilm.py --methods vanilla cuttlefish cuttlefish_wait_for_ranks \
+        --seeds 42 43 44 --keep_existing                                        # add to the results file
+    .venv/bin/python benchmarks/glue_minilm.py --methods --keep_existing       # rewrite the table only
 
 Each run takes a few minutes on this project's 2-core CPU machine when nothing else runs. Outputs of the runs
 (models, ``stable_ranks.png``, logs) go to ``outputs/glue_minilm/<method>-seed<k>``.
@@ -52,18 +54,17 @@ METHOD_FLAGS = {
     # the paper's rule (the default before rank_rule="auto"): scaled stable rank, plain SVD factors
     "cuttlefish_paper_rule": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--rank_rule",
                               "scaled_stable_rank"],
-    # schedule ablations for pretrained weights: no Frobenius decay on the factors; an earlier and a later switch
-    "cuttlefish_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--frobenius_decay", "0"],
-    "cuttlefish_switch_early": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.15"],
-    "cuttlefish_switch_late": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.67",
-                               "--min_warmup_measurements", "1000"],
-    "cuttlefish_switch_94": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.25"],
+    # the same, measuring once per epoch (Trainer's and run_glue's default): the 50% bound comes first (step 188)
+    "cuttlefish_wait_for_ranks_per_epoch": ["--cuttlefish", *WAIT],
+    # ablations for pretrained weights, switching at a given step of the 375 (the 0.1 default's tracker waits past
+    # them; measured with its statistics of the last measurement period): where the switch is, no Frobenius decay
+    "cuttlefish_switch_7": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.0186"],
     "cuttlefish_switch_25": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.066"],
-    "cuttlefish_switch_25_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT,
-                                          "--max_warmup_fraction", "0.066", "--frobenius_decay", "0"],
-    "cuttlefish_switch_early_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT,
-                                             "--max_warmup_fraction", "0.15", "--frobenius_decay", "0"],
-    # the default (switch once the inputs are recorded: step 7) without Frobenius decay
+    "cuttlefish_switch_57": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.15"],
+    "cuttlefish_switch_94": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.25"],
+    "cuttlefish_switch_252": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--max_warmup_fraction", "0.67",
+                              "--min_warmup_measurements", "1000"],
+    "cuttlefish_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--frobenius_decay", "0"],
     "cuttlefish_default_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", "--frobenius_decay", "0"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
     "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--activation_tokens", "16384"],
@@ -179,7 +180,7 @@ def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False)
         ranks = summary["plan"].values()
         record["cuttlefish"] = {
             **{key: summary[key] for key in ("switch_step", "switch_epoch", "measurements", "rank_rule", "init",
-                                             "rank_rule_reason",
+                                             "warmup", "rank_rule_reason",
                                              "measure_seconds", "surgery_seconds", "model_params_before",
                                              "model_params_after", "target_params_before", "target_params_after")},
             "measurement_overhead_percent": 100 * summary["measure_seconds"] / train["train_runtime"],
@@ -200,7 +201,7 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     vanilla = runs.get("vanilla")
     table = {}
     for method, by_seed in runs.items():
-        records = list(by_seed.values())
+        records = [by_seed[seed] for seed in sorted(by_seed)]  # every per-seed list in the order of "seeds"
         row = {"seeds": sorted(by_seed), "accuracy_mean": statistics.mean([r["accuracy"] for r in records]),
                "accuracy": [r["accuracy"] for r in records],
                "total_params": records[0]["total_params"], "encoder_linear_params": records[0]["encoder_linear_params"],
@@ -246,8 +247,8 @@ def main() -> None:
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="folder with train.csv, validation.csv")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
-    parser.add_argument("--methods", nargs="+", default=["vanilla", "cuttlefish", "pufferfish", "si_fd"],
-                        choices=list(METHOD_FLAGS))
+    parser.add_argument("--methods", nargs="*", default=["vanilla", "cuttlefish", "pufferfish", "si_fd"],
+                        choices=list(METHOD_FLAGS), help="none, with --keep_existing: rewrite the report only")
     parser.add_argument("--keep_existing", action="store_true",
                         help="keep the results file's other runs (methods and seeds not run now)")
     parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "glue_minilm",

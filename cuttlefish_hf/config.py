@@ -196,9 +196,10 @@ class CuttlefishConfig:
             f"({', '.join(LAYER_KINDS)}; a kind not listed keeps {OTHER_KIND_FRACTION}). As text, JSON: "
             "'{\"attention\": 0.5, \"ffn\": 0.8}'; None: the default.")})
     activation_tokens: int = field(default=4096, metadata={"help": (
-        "For init='whitened': input tokens per layer whose second moments are recorded after each "
-        "measurement (those of the period before the switch are used). Recording costs about 1.5x the layers' "
-        "forward pass per recorded batch; 16384 was no more accurate on the MiniLM benchmark.")})
+        "For init='whitened': input tokens per layer whose second moments the factors are fitted to: recorded "
+        "after each measurement, those of the period before the switch used (warmup='stable_ranks'), or on the "
+        "last steps before the switch (warmup='fixed'). Recording costs about 1.5x the layers' forward pass per "
+        "recorded batch; 16384 was no more accurate on the MiniLM benchmark.")})
     min_rank: int = field(default=1, metadata={"help": "Lower bound for every chosen rank."})
     rank_multiple: int = field(default=1, metadata={"help": (
         "Round each rule-chosen rank up to a multiple of this (8/16/64 suit GPU tensor cores in half precision; "

@@ -113,7 +113,7 @@ class Cuttlefish:
         self.init_stable_ranks: dict[str, float] | None = None
         self.method: Method | None = None  # resolved once, at begin()
         self.activations: ActivationStats | None = None  # input statistics for the whitened init
-        self._steps_to_record: int | None = None  # fixed warm-up: steps the first activation_tokens took
+        self._steps_to_record: int | None = None  # fixed warm-up: steps recorded before the switch
         self.switch_step: int | None = None
         self.report: FactorizationReport | None = None
         self.decisions: list[RankDecision] = []

@@ -64,3 +64,13 @@ def test_switch_cost_smoke(tmp_path):
         row = record["summary"][rule]
         assert row["layers"] == 12 and row["switch_seconds"] > 0 and row["begin_seconds"] > 0
     assert json.loads(output.read_text())["command"].startswith("python benchmarks/switch_cost.py")
+
+
+def test_glue_minilm_comparison_lists_each_seed_in_the_order_of_its_seeds():
+    driver = load_driver("glue_minilm")
+    record = dict(total_params=10, encoder_linear_params=6, train_runtime_seconds=1.0)
+    runs = {"vanilla": {42: {**record, "accuracy": 0.70}, 43: {**record, "accuracy": 0.80}},
+            "method": {43: {**record, "accuracy": 0.90}, 42: {**record, "accuracy": 0.60}}}  # run 43 first
+    row = driver.compare(runs)["method"]
+    assert row["seeds"] == [42, 43] and row["accuracy"] == [0.60, 0.90]
+    assert abs(row["accuracy_change_points"] - 0.0) < 1e-9  # (-10 + 10) / 2, paired by seed

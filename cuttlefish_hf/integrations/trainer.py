@@ -72,7 +72,8 @@ def _calling_trainer(callback: TrainerCallback) -> Trainer | None:
 
 
 class CuttlefishCallback(TrainerCallback, ExportableState):
-    """Measures stable ranks during ``Trainer.train()`` and switches the model to low rank when they settle.
+    """Runs the :class:`~cuttlefish_hf.controller.Cuttlefish` controller during ``Trainer.train()``: switches the
+    model to low rank when the stable ranks settle (or, for pretrained weights, after a fixed fraction of the steps).
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=data, callbacks=[CuttlefishCallback(CuttlefishConfig())])
