@@ -60,6 +60,8 @@ CANDIDATES = {"kind_whitened": ("kind_fractions", "whitened", "kind", ()),
               "uniform_whitened": ("kind_fractions", "whitened", "uniform", ()),
               "uniform_svd": ("kind_fractions", "svd", "uniform", ()),
               "paper_rule": ("scaled_stable_rank", "svd", None, WAIT), "vanilla": (None, None, None, ())}
+LABELS = {"kind_whitened": "kind_whitened: the default (switch at 25% of the steps)",
+          "kind_whitened_wait": "kind_whitened_wait: the 0.1 default (switch when the stable ranks settle)"}
 
 
 def kind_weights() -> dict[str, int]:
@@ -173,7 +175,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
         color, marker = f"C{i}", "os^Dv<>"[i % 7]
         rows = sorted(by_fraction.values(), key=lambda row: row["kept_fraction_mean"])
         ax.plot([r["kept_fraction_mean"] for r in rows], [100 * r["accuracy_mean"] for r in rows], color=color,
-                marker=marker, label=candidate)
+                marker=marker, label=LABELS.get(candidate, candidate))
         mine = [r for r in runs if r["candidate"] == candidate]
         ax.scatter([r["kept_fraction"] for r in mine], [100 * r["accuracy"] for r in mine], color=color,
                    marker=marker, alpha=0.3, s=14)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cuttlefish_hf.config import CONFIG_RANK_RULES, MODES, PROFILE_DTYPES, CuttlefishConfig
+from cuttlefish_hf.config import CONFIG_RANK_RULES, MODES, PROFILE_DTYPES, WARMUPS, CuttlefishConfig
 from cuttlefish_hf.controller import Cuttlefish
 from cuttlefish_hf.inits import whitened_init
 from cuttlefish_hf.layers import FactorizedLayer
@@ -98,6 +98,7 @@ VALID = {
                                         {".*": 2**40}]),
     "rank_rule": lambda r: r.choice([*CONFIG_RANK_RULES, "fixed_ratio", "energy"]),  # the ones that factorize Tiny
     "xi_reference": lambda r: r.choice(XI_REFERENCES),
+    "warmup": lambda r: r.choice(WARMUPS),
     "energy_threshold": lambda r: r.choice([1.0, 1, 0.5, 1e-300, r.random() or 1.0]),
     "rank_ratio": lambda r: r.choice([1.0, 0.25, 1e-300, r.random() or 1.0]),
     "kind_fractions": lambda r: r.choice([{}, {"ffn": 1.0}, {"attention": 1e-9, "other": 0.5},

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig
 
 SWITCH_SUMMARY = "Cuttlefish switched to low rank"
-RANK_RULE_LINE = "Cuttlefish will choose ranks"  # INFO, at begin()
+RANK_RULE_LINE = "Cuttlefish will switch"  # INFO, at begin(): when, which rule, which init
 UNKNOWN_KEYS_LINE = "Ignoring unknown CuttlefishConfig keys"  # WARNING
 
 
