@@ -218,9 +218,9 @@ class CuttlefishConfig:
         "settle, within min_warmup_measurements and max_warmup_fraction. 'fixed': after fixed_warmup_fraction of "
         "the planned steps, without stable-rank measurements (the whitened init's inputs are the last "
         "activation_tokens recorded before it): for pretrained weights, whose stable ranks barely move, so "
-        "waiting for them only ties the switch to how often they are measured (per epoch, the 50% bound: 0.55 "
-        "points worse on the MiniLM benchmark). 'auto': 'fixed' when the targets look pretrained, else "
-        "'stable_ranks'.")})
+        "waiting for them only ties the switch to how often they are measured (per epoch: at the "
+        "max_warmup_fraction bound, 0.55 points worse on the MiniLM benchmark). 'auto': 'fixed' when the "
+        "targets look pretrained, else 'stable_ranks'.")})
     min_warmup_measurements: int = field(default=2, metadata={"help": (
         "Never switch before this many measurements.")})
     max_warmup_fraction: float = field(default=0.5, metadata={"help": (
