@@ -6,7 +6,7 @@ ratio 1/4, Pufferfish switching after a quarter of training; the variants measur
 and writes ``benchmarks/results/glue_minilm_debian_sections.json`` and a markdown table next to it:
 
     .venv/bin/python benchmarks/glue_minilm.py                                  # four methods, seeds 42 43
-    .venv/bin/python benchmarks/glue_minilm.py --methods vanilla cuttlefish cuttlefish_wait_for_ranks \
+    .venv/bin/python benchmarks/glue_minilm.py --methods vanilla cuttlefish cuttlefish_wait_for_ranks \\
         --seeds 42 43 44 --keep_existing                                        # add to the results file
     .venv/bin/python benchmarks/glue_minilm.py --methods --keep_existing       # rewrite the table only
 
@@ -277,7 +277,8 @@ def main() -> None:
         "schedule": {"epochs": args.epochs, "max_seq_length": 64, "batch_size": 32, "learning_rate": 5e-5,
                      "lr_schedule": "linear decay, no warm-up",
                      "method_flags": {m: " ".join(METHOD_FLAGS[m]) if m in METHOD_FLAGS else
-                                      f"retired: see the runs' commands, at commit {RETIRED_METHODS[m]}" for m in runs}},
+                                      f"retired: see the runs' commands, at commit {RETIRED_METHODS[m]}"
+                                      for m in runs}},
         "command": " ".join(["python", "benchmarks/glue_minilm.py", *sys.argv[1:]]),
         "comparison": table,
         "runs": {method: {str(seed): record for seed, record in by_seed.items()} for method, by_seed in runs.items()},

@@ -3,8 +3,8 @@
 The packaged all-MiniLM-L6-v2 fine-tuned on ``../shared/data/debian-sections`` by ``examples/glue/run_glue.py``
 with ``benchmarks/glue_minilm.py``'s schedule (3 epochs, batch 32, lr 5e-5, 64 tokens), measuring every 25 steps
 as glue_minilm does. Every candidate is a set of ``CuttlefishConfig`` flags; unless it says otherwise it switches
-where the library's default does (``warmup="auto"``: for pretrained weights, as soon as the layers' inputs are
-recorded, step 7 of 375 here).
+where the library's default does (``warmup="auto"``: for pretrained weights, after ``fixed_warmup_fraction``
+of the steps, step 94 of 375 here).
 
 * ``kind_whitened`` - the pretrained default: ``kind_fractions`` (attention:FFN kept as 0.4:0.7), ``whitened`` init;
 * ``kind_whitened_wait`` - the same, switching where the 0.1 default did: once the stable ranks settle
@@ -20,9 +20,9 @@ layer; kind candidates scale attention and FFN fractions together (ratio 0.4:0.7
 keeps it. Each run writes ``outputs/pretrained_rank_rules/runs/<run>.json``; ``collect`` merges them into
 ``benchmarks/results/pretrained_rank_rules_v2.json`` and a plot (``.png``) next to it:
 
-    .venv/bin/python benchmarks/pretrained_rank_rules.py run --seeds 42 --candidates vanilla kind_whitened \
+    .venv/bin/python benchmarks/pretrained_rank_rules.py run --seeds 42 --candidates vanilla kind_whitened \\
         kind_whitened_wait --fractions 0.4 0.5 0.6 0.7 0.8
-    .venv/bin/python benchmarks/pretrained_rank_rules.py run --candidates kind_svd --fractions 0.6 \
+    .venv/bin/python benchmarks/pretrained_rank_rules.py run --candidates kind_svd --fractions 0.6 \\
         --epochs 1 --max_train_samples 64   # a smoke run
     .venv/bin/python benchmarks/pretrained_rank_rules.py collect
 
@@ -52,7 +52,7 @@ from glue_minilm import REPO, minilm_folder
 WORK = REPO / "outputs" / "pretrained_rank_rules"
 RESULTS = REPO / "benchmarks" / "results" / "pretrained_rank_rules_v2.json"
 MEASURE = ["--measure_every_steps", "25"]
-WAIT = ["--warmup", "stable_ranks"]  # the 0.1 default's switch point: once the stable ranks settle
+WAIT = glue_minilm.WAIT  # the 0.1 default's switch point: once the stable ranks settle
 # name -> (rank rule, init, how the --fractions sweep applies: "kind", "uniform" or None, more config flags)
 CANDIDATES = {"kind_whitened": ("kind_fractions", "whitened", "kind", ()),
               "kind_whitened_wait": ("kind_fractions", "whitened", "kind", WAIT),
