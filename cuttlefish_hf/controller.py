@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compilation import graphs_compiled
 from .config import LEGACY_RANK_RULES, CuttlefishConfig
 from .inits import make_init
 from .layers import FactorizedLayer, dense_matrix, dense_shape, full_rank, is_linear
@@ -122,6 +123,7 @@ class Cuttlefish:
         self._last_step_end: float | None = None
         self._speed_reported = False
         self._hooks: list = []
+        self._graphs_at = {"start": graphs_compiled(), "switch": None}  # torch.compile's count, per phase
         self.log_level = logging.INFO  # integrations whose users see only warnings raise this
         self.factorized_before_training = any(isinstance(m, FactorizedLayer) for m in self.model.modules())
         if self.factorized_before_training:  # trains on as switched: no second switch
@@ -359,6 +361,7 @@ class Cuttlefish:
         self.report = factorize_(self.model, plan, init=init, extra_bn=self.config.resolved_extra_bn,
                                  stable_ranks={d.name: d.stable_rank for d in self.decisions})
         self.switch_step = step
+        self._graphs_at["switch"] = graphs_compiled()
         # Nothing factorized: no optimizer change, no Frobenius decay or re-warm-up hooks on a dense model.
         result = self._swap_in_optimizer(step, optimizer, scheduler, old) if plan else \
             SwitchResult(step, self.report, self.decisions)
@@ -447,7 +450,18 @@ class Cuttlefish:
             return
         self._speed_reported = True
         faster, message = verdict
+        recompiled = self.compiled_graphs()["low_rank"]
+        if recompiled:
+            message = f"{message.rstrip('.')}. torch.compile compiled {recompiled} graph(s) since the switch (the " \
+                      "factorized model's)."
         logger.log(self.log_level if faster else logging.WARNING, message)
+
+    def compiled_graphs(self) -> dict[str, int | None]:
+        """Graphs ``torch.compile`` compiled in this process before and since the switch (0 without compile;
+        evaluation graphs included; after a resume, counted from the resume)."""
+        start, switch, now = self._graphs_at["start"], self._graphs_at["switch"], graphs_compiled()
+        return {"dense": (now if switch is None else switch) - start,
+                "low_rank": None if switch is None else now - switch}
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary: switch point, plan, parameter counts, step times and time spent."""
@@ -471,6 +485,7 @@ class Cuttlefish:
             "target_params_after": report.target_params_after if report else None,
             **self.timings.state_dict(),
             "profile_kept_dense": self.profile_report.keep_dense if self.profile_report else [],
+            **{f"compiled_graphs_{phase}": count for phase, count in self.compiled_graphs().items()},
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -503,6 +518,8 @@ class Cuttlefish:
             self.method = Method(rule, init, self.config.xi_reference, state.get("rank_rule_reason", ""))
         self.timings.load_state_dict(state)
         self.switch_step = state["switch_step"]
+        if self.switch_step is not None:  # resumed after the switch: every graph from here is a low-rank one
+            self._graphs_at["switch"] = self._graphs_at["start"]
         self._steps_to_record = state.get("steps_to_record")
         self.factorized_before_training = state.get("factorized_before_training", False)
         self.report = None if state["report"] is None else FactorizationReport.from_dict(state["report"])

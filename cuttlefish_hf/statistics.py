@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .compilation import retrace_compiled
 from .layers import is_linear
 
 __all__ = ["ActivationStats"]
@@ -39,6 +40,10 @@ class ActivationStats:
     (evaluation loops) are not recorded; ``every=k`` records only every k-th forward pass of each input (k
     times cheaper; a few thousand tokens per layer already give a usable covariance); ``max_tokens`` stops
     recording an input once that many tokens are in its sum (until :meth:`reset`).
+
+    Under ``torch.compile`` the hooks run outside the graph (a graph break at each hooked layer while
+    recording), and ``start`` / ``stop`` make compiled models re-trace (:func:`~cuttlefish_hf.compilation.retrace_compiled`),
+    so hooks are neither missed nor leave their graph breaks behind.
 
     Example:
         >>> layer = nn.Linear(4, 3)
@@ -78,10 +83,13 @@ class ActivationStats:
                 kind = "missing" if module is None else type(module).__name__
                 raise ValueError(f"ActivationStats needs nn.Linear (or Conv1D) modules; {name!r} is {kind}.")
             self._handles.append(module.register_forward_pre_hook(self._hook(name, module)))
+        retrace_compiled()
         return self
 
     def stop(self) -> ActivationStats:
         """Remove every hook (the sums stay). Returns self."""
+        if self._handles:
+            retrace_compiled()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -93,6 +101,7 @@ class ActivationStats:
         return bool(self._handles)
 
     def _hook(self, name: str, module: nn.Linear):
+        @torch.compiler.disable  # bookkeeping in Python: run it eagerly, not traced into a compiled graph
         def hook(_module, args):
             if self.training_only and not module.training:
                 return
