@@ -42,8 +42,9 @@ class ActivationStats:
     recording an input once that many tokens are in its sum (until :meth:`reset`).
 
     Under ``torch.compile`` the hooks run outside the graph (a graph break at each hooked layer while
-    recording), and ``start`` / ``stop`` make compiled models re-trace (:func:`~cuttlefish_hf.compilation.retrace_compiled`),
-    so hooks are neither missed nor leave their graph breaks behind.
+    recording), and ``start`` / ``stop`` make compiled models re-trace
+    (:func:`~cuttlefish_hf.compilation.retrace_compiled`), so hooks are neither missed nor leave their graph
+    breaks behind.
 
     Example:
         >>> layer = nn.Linear(4, 3)
