@@ -1,7 +1,8 @@
 """Run under ``torchrun --nproc_per_node 2``: CuttlefishTrainer with DDP on CPU (gloo); each rank saves its view.
 
-    ddp_train.py OUTPUT_DIR [scratch|pretrained]   # a random init with rank_rule="stable_rank", or pretrained-like
-                                                   # weights with rank_rule="auto" (activation-aware, all-reduced)
+    ddp_train.py OUTPUT_DIR [scratch|pretrained|compiled]   # a random init with rank_rule="stable_rank",
+        # pretrained-like weights with rank_rule="auto" (activation-aware, all-reduced), or the random init under
+        # torch_compile=True (aot_eager)
 """
 
 import sys
@@ -17,7 +18,8 @@ from cuttlefish_hf.layers import FactorizedLayer
 def main(output_dir: str, weights: str) -> None:
     args = TrainingArguments(output_dir, per_device_train_batch_size=8, num_train_epochs=3, learning_rate=2e-3,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                             ddp_backend="gloo", logging_steps=1)
+                             ddp_backend="gloo", logging_steps=1, torch_compile=weights == "compiled",
+                             torch_compile_backend="aot_eager" if weights == "compiled" else None)
     pretrained = weights == "pretrained"
     config = CuttlefishConfig(measure_every_steps=2, window=2, min_warmup_measurements=3, eps_relative=0.05,
                               rank_rule="auto" if pretrained else "stable_rank")
@@ -30,7 +32,9 @@ def main(output_dir: str, weights: str) -> None:
                for part in ("first", "second")}
     torch.save({"plan": controller.report.plan, "switch_step": controller.switch_step,
                 "max_steps": trainer.state.max_steps, "factors": factors,
-                "wrapped": type(trainer.model_wrapped).__name__, "rank_rule": controller.rank_rule},
+                "wrapped": type(getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)).__name__,
+                "compiled": hasattr(trainer.model_wrapped, "_orig_mod"), "rank_rule": controller.rank_rule,
+                "compiled_graphs_low_rank": controller.compiled_graphs()["low_rank"]},
                f"{output_dir}/rank{args.process_index}.pt")
     # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort a rank
     # ("terminate called without an active exception") after all the work is done.

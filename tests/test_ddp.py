@@ -9,7 +9,8 @@ import torch
 from helpers import free_port
 
 
-@pytest.mark.parametrize("weights, rank_rule", [("scratch", "stable_rank"), ("pretrained", "kind_fractions")])
+@pytest.mark.parametrize("weights, rank_rule", [("scratch", "stable_rank"), ("pretrained", "kind_fractions"),
+                                                ("compiled", "stable_rank")])
 def test_two_process_ddp_run_factorizes_identically(tmp_path, weights, rank_rule):
     here = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -22,6 +23,9 @@ def test_two_process_ddp_run_factorizes_identically(tmp_path, weights, rank_rule
     assert ranks[0]["plan"] and ranks[0]["plan"] == ranks[1]["plan"]
     assert 0 < ranks[0]["switch_step"] == ranks[1]["switch_step"] < ranks[0]["max_steps"]
     assert ranks[0]["wrapped"] == "DistributedDataParallel"
+    # torch_compile=True: the DDP wrapper built at the switch is compiled too, and traced once more
+    assert ranks[0]["compiled"] is (weights == "compiled")
+    assert (ranks[0]["compiled_graphs_low_rank"] >= 1) is (weights == "compiled")
     assert ranks[0]["rank_rule"] == ranks[1]["rank_rule"] == rank_rule
     # Trained for several steps after the switch on different data shards: equal only if gradients were synced.
     for key, value in ranks[0]["factors"].items():

@@ -144,7 +144,7 @@ def test_the_import_graph_check_sees_upward_imports():
 # modules sit on the package's floor). Leaves may use leaves; what matters is that nothing points up.
 FLOORS = {
     "_version": 1, "logging_utils": 1, "config": 1, "stable_rank": 1, "tracker": 1, "layers": 1, "targeting": 1,
-    "optim": 1, "whitening": 1, "plotting": 1, "tables": 1,
+    "optim": 1, "whitening": 1, "plotting": 1, "tables": 1, "compilation": 1,
     "rank_rules": 2, "inits": 2, "statistics": 2, "surgery": 2, "profiling": 2, "serialization": 2, "timings": 2,
     "planning": 3, "hub": 3,
     "controller": 4,

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import torch
+from accelerate.utils import DynamoBackend
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
@@ -253,14 +254,18 @@ class CuttlefishTrainer(Trainer):
         return [name for name in names if name not in factors]
 
     def cuttlefish_switched(self, result: SwitchResult) -> None:
-        """Re-wrap the model for DDP after the switch so the new factors' gradients are synchronized."""
+        """Re-wrap the model for DDP after the switch so the new factors' gradients are synchronized (and
+        compile the wrapper again under ``torch_compile=True``)."""
         if self.args.world_size <= 1:
             return
         ddp_kwargs: dict[str, Any] = {"find_unused_parameters": bool(self.args.ddp_find_unused_parameters)}
         if self.args.device.type == "cuda":
             ddp_kwargs["device_ids"] = [self.args.local_rank]
-        self._cuttlefish_wrapped = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
-        self.model_wrapped = self._cuttlefish_wrapped
+        wrapped = nn.parallel.DistributedDataParallel(self.model, **ddp_kwargs)
+        dynamo = self.accelerator.state.dynamo_plugin
+        if dynamo.backend != DynamoBackend.NO:  # torch_compile=True: Accelerate compiled the DDP wrapper; so do we
+            wrapped = torch.compile(wrapped, **dynamo.to_kwargs())
+        self._cuttlefish_wrapped = self.model_wrapped = wrapped
 
     def create_model_card(self, **kwargs):
         """Trainer's card plus the Cuttlefish section: factorization table, totals, how it was trained."""
