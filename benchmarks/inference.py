@@ -23,24 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from cuttlefish_hf import Cuttlefish, CuttlefishConfig
 from cuttlefish_hf.surgery import count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import build, flop_ideal_speedup, machine  # noqa: E402  (the same models as the step-time runs)
+from step_time import MODELS, build, flop_ideal_speedup, machine  # noqa: E402  (the same models as the step-time runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def tiny_bert(batch: int):
-    """A 2-layer, 64-wide BERT for smoke tests, in the shape ``step_time.build`` returns."""
-    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=32, num_labels=2)
-    data = [{"input_ids": torch.randint(0, 128, (16,)), "labels": torch.tensor(i % 2)} for i in range(batch)]
-    return transformers.BertForSequenceClassification(config), data, batch * 16
 
 
 def synchronize(device: str) -> None:
@@ -89,7 +80,7 @@ def time_model(model: torch.nn.Module, inputs: dict, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bert-base", choices=["bert-base", "deit-small", "tiny-bert"])
+    parser.add_argument("--model", default="bert-base", choices=MODELS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--batch-size", type=int, default=8)
@@ -101,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model, data, tokens = tiny_bert(args.batch_size) if args.model == "tiny-bert" else build(args.model,
-                                                                                             args.batch_size)
+    model, data, tokens = build(args.model, args.batch_size)
     model = model.to(args.device).eval()
     inputs = {key: torch.stack([row[key] for row in data[:args.batch_size]]).to(args.device) for key in data[0]}
     dense_params = count_parameters(model)

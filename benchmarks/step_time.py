@@ -1,11 +1,14 @@
-"""Step time before and after the Cuttlefish switch inside ``Trainer``, on random-init BERT-base / DeiT-small sizes.
+"""Step time before and after the Cuttlefish switch inside ``Trainer``, on random-init BERT / DeiT sizes.
 
 Measures, in one run, the median optimizer-step time of the dense model and of the factorized model after the
-switch, the rank-measurement overhead, and the FLOP-ideal speedup of the factorized layers. Synthetic data; no
-downloads. CUDA timings synchronize around every step.
+switch, the rank-measurement overhead, and the FLOP-ideal speedup of the factorized layers; eagerly or with
+``--compile`` (``TrainingArguments(torch_compile=True)``: inductor, re-traced at the switch; the graphs compiled
+in each phase are recorded). On CUDA the optimizer is the fused AdamW. Synthetic data; no downloads. CUDA timings
+synchronize around every step.
 
     python benchmarks/step_time.py --model bert-base --device cpu --steps 40
-    python benchmarks/step_time.py --model deit-small --device cuda --dtype bf16 --steps 200
+    python benchmarks/step_time.py --model bert-base --device cpu --steps 40 --compile
+    python benchmarks/step_time.py --model deit-base --device cuda --dtype bf16 --batch-size 128 --steps 200 --compile
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -78,19 +82,29 @@ class KernelProfiler(TrainerCallback):
         self._profiler = None
 
 
+BERTS = {  # the BERT-base and BERT-large shapes, and a 2-layer one for smoke tests
+    "bert-base": dict(),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny-bert": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=128, max_position_embeddings=32),
+}
+DEITS = {"deit-small": "deit_small_patch16_224", "deit-base": "deit_base_patch16_224"}
+MODELS = [*BERTS, *DEITS]
+
+
 def build(model_name: str, batch: int):
-    """A random-init model and a synthetic dataset of the right shape."""
-    if model_name == "bert-base":
-        config = transformers.BertConfig(num_labels=2)  # 12 x 768, the BERT-base shape
+    """A random-init model and a synthetic dataset of the right shape (sequence 128; tiny-bert: 16)."""
+    if model_name in BERTS:
+        config = transformers.BertConfig(num_labels=2, **BERTS[model_name])
         model = transformers.BertForSequenceClassification(config)
-        seq = 128
+        seq = min(128, config.max_position_embeddings // 2)
         data = [{"input_ids": torch.randint(0, config.vocab_size, (seq,)), "labels": torch.tensor(i % 2)}
                 for i in range(batch * 4)]
         return model, data, batch * seq
-    if model_name == "deit-small":
+    if model_name in DEITS:
         import timm
 
-        model = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10)
+        model = timm.create_model(DEITS[model_name], pretrained=False, num_classes=10)
 
         class Wrapper(torch.nn.Module):  # Trainer wants a loss from the model
             def __init__(self, inner):
@@ -104,7 +118,7 @@ def build(model_name: str, batch: int):
         data = [{"pixel_values": torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8), "labels": torch.tensor(i % 10)}
                 for i in range(batch * 4)]
         return Wrapper(model), data, batch * 197
-    raise ValueError(f"unknown --model {model_name!r}; choose bert-base or deit-small")
+    raise ValueError(f"unknown --model {model_name!r}; choose one of {', '.join(MODELS)}")
 
 
 def flop_ideal_speedup(report) -> float:
@@ -115,12 +129,13 @@ def flop_ideal_speedup(report) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bert-base", choices=["bert-base", "deit-small"])
+    parser.add_argument("--model", default="bert-base", choices=MODELS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="total optimizer steps; the switch is at 40%%")
     parser.add_argument("--rank-ratio", type=float, default=0.25, help="fixed rank ratio (pufferfish mode)")
+    parser.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True), inductor")
     parser.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/step_time_...)")
     args = parser.parse_args(argv)
 
@@ -132,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     training = TrainingArguments(
         "/tmp/cuttlefish-step-time", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-4, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10 ** 6,
-        use_cpu=args.device == "cpu", bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", dataloader_num_workers=0)
+        use_cpu=args.device == "cpu", bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", dataloader_num_workers=0,
+        torch_compile=args.compile, optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch")
     timer = StepTimer()
     callbacks = [timer]
     if args.device == "cuda":  # profile 5 dense steps mid-way to the switch and 5 low-rank steps near the end
@@ -145,30 +161,41 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - start
     controller = trainer.cuttlefish.controller
     switch = controller.switch_step
-    warm = 3  # skip allocator / autotuning warm-up on each side of the switch
+    warm = 3  # skip allocator / autotuning / compile warm-up on each side of the switch
     dense_steps = timer.times[warm:switch]
     low_rank_steps = timer.times[switch + warm:]
     dense, low_rank = statistics.median(dense_steps), statistics.median(low_rank_steps)
     ideal = flop_ideal_speedup(controller.report)
+    summary = controller.summary()
     result = {
         "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "tokens_per_batch": tokens,
+        "compiled": args.compile, "optimizer": training.optim.value,
         "steps": args.steps, "switch_step": switch, "rank_ratio": args.rank_ratio,
         "params_before": params_before, "params_after": count_parameters(trainer.model),
         "dense_step_s": dense, "low_rank_step_s": low_rank, "step_speedup": dense / low_rank,
-        "targeted_layers_flop_ideal_speedup": ideal,
-        "measure_seconds": controller.measure_seconds, "surgery_seconds": controller.surgery_seconds,
-        "measurement_overhead_pct": 100 * controller.measure_seconds / total, "train_seconds": total,
-        "machine": machine(args.device),
+        "targeted_layers_flop_ideal_speedup": ideal, "fraction_of_ideal": dense / low_rank / ideal,
+        "dense_step_spread": spread(dense_steps), "low_rank_step_spread": spread(low_rank_steps),
+        "compiled_graphs_dense": summary["compiled_graphs_dense"],
+        "compiled_graphs_low_rank": summary["compiled_graphs_low_rank"],
+        "measure_seconds": summary["measure_seconds"], "surgery_seconds": summary["surgery_seconds"],
+        "measurement_overhead_pct": 100 * summary["measure_seconds"] / total, "train_seconds": total,
+        "machine": machine(args.device), "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
     }
     if args.device == "cuda":
         result["kernel_profile"] = profiler.results
+    compiled = "_compiled" if args.compile else ""
     output = args.output or os.path.join(os.path.dirname(__file__), "results",
-                                         f"step_time_{args.model}_{args.device}_{args.dtype}.json")
+                                         f"step_time_{args.model}_{args.device}_{args.dtype}{compiled}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
     return result
+
+
+def spread(times: list[float]) -> float:
+    """(max - min) / median of the timed steps."""
+    return (max(times) - min(times)) / statistics.median(times)
 
 
 def machine(device: str) -> dict:

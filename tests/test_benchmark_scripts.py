@@ -1,5 +1,5 @@
 """Benchmark scripts end to end on tiny inputs: pretrained_rank_rules.py (one candidate at one fraction, then
-collect), inference.py (a tiny BERT, eager) and switch_cost.py (a tiny BERT)."""
+collect), inference.py (a tiny BERT, eager), switch_cost.py and step_time.py (a tiny BERT, eager and compiled)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,17 @@ def test_glue_minilm_comparison_lists_each_seed_in_the_order_of_its_seeds():
     row = driver.compare(runs)["method"]
     assert row["seeds"] == [42, 43] and row["accuracy"] == [0.60, 0.90]
     assert abs(row["accuracy_change_points"] - 0.0) < 1e-9  # (-10 + 10) / 2, paired by seed
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_time_smoke(tmp_path, compiled):
+    output = tmp_path / "step_time.json"
+    flags = ["--compile"] if compiled else []
+    record = load_driver("step_time").main(["--model", "tiny-bert", "--steps", "10", "--batch-size", "4",
+                                            "--output", str(output), *flags])
+    assert record["switch_step"] == 4 and record["compiled"] is compiled and record["optimizer"] == "adamw_torch"
+    assert record["params_after"] < record["params_before"] and record["step_speedup"] > 0
+    ideal = record["targeted_layers_flop_ideal_speedup"]
+    assert record["fraction_of_ideal"] == pytest.approx(record["step_speedup"] / ideal)
+    assert (record["compiled_graphs_low_rank"] >= 1) is compiled
+    assert json.loads(output.read_text())["command"].startswith("python benchmarks/step_time.py --model tiny-bert")
