@@ -188,6 +188,9 @@ def test_pretrained_weights_switch_at_the_fixed_fraction_with_the_last_inputs_be
     assert result is not None and controller.switch_step == 10 and controller.switched
     assert controller.measured_steps == []  # no stable-rank measurements (they would restart the inputs)
     assert controller.summary()["warmup"] == "fixed"
+    # kind_fractions reads no spectrum: nothing is measured for the report either (its stable ranks: train begin)
+    assert controller.summary()["measure_seconds"] == 0.0
+    assert {d.name: d.stable_rank for d in controller.decisions} == controller.init_stable_ranks
 
 
 @pytest.mark.parametrize("pretrained, config, switch_step", [
