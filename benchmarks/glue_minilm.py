@@ -68,6 +68,9 @@ METHOD_FLAGS = {
     "cuttlefish_default_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", "--frobenius_decay", "0"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
     "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--activation_tokens", "16384"],
+    # a learning-rate multiplier for the factors after the switch (the default otherwise)
+    "cuttlefish_factor_lr_2": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "2"],
+    "cuttlefish_factor_lr_4": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "4"],
 }
 # Candidates measured with options the library dropped after losing: their records stay in the results file;
 # rerun them at the named commit.

@@ -136,6 +136,7 @@ _RANGES = {
     "frobenius_decay": _Range(float, 0, 1, also=(None,), meaning="or None for the mode's default",
                               why="the paper uses 1e-4; larger values swamp the loss's gradient"),
     "rewarmup_steps": _Range(int, 0, 10**7, why="longer than any run"),
+    "factor_lr_scale": _Range(float, 0, 10, "(]", why="steps ten times the schedule's already diverge easily"),
     "power_iterations": _Range(int, 1, 1000, why="each one is a pass over every tracked weight at every "
                                "measurement; warm-started, 4 suffice"),
     "power_iteration_seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
@@ -249,6 +250,9 @@ class CuttlefishConfig:
         "Mutually exclusive with Frobenius decay.")})
     rewarmup_steps: int = field(default=0, metadata={"help": (
         "After the switch, ramp the learning rate linearly from 0 back to the schedule over this many steps.")})
+    factor_lr_scale: float = field(default=1.0, metadata={"help": (
+        "After the switch, scale each optimizer step of the factors by this (a learning-rate multiplier for the "
+        "factors alone, whatever the optimizer and schedule).")})
     power_iterations: int = field(default=4, metadata={"help": (
         "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
     power_iteration_seed: int = field(default=0, metadata={"help": (

@@ -16,7 +16,7 @@ from torch import nn
 
 from .layers import FactorizedLayer
 
-__all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", "attach_rewarmup"]
+__all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", "attach_rewarmup", "attach_step_scale"]
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -144,3 +144,24 @@ def attach_rewarmup(optimizer, steps: int, done: int = 0):
             state["step"] += 1
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+def attach_step_scale(optimizer, parameters: Iterable[nn.Parameter], scale: float):
+    """Scale each optimizer step of ``parameters`` by ``scale``: after the step, ``p = old + scale * (p - old)``
+    (a learning-rate multiplier for these parameters alone, for any optimizer, schedule or group layout).
+    Holds one copy of the parameters during each step. Returns a list of the two hook handles."""
+    optimizer = unwrap_optimizer(optimizer)
+    parameters = list(parameters)
+    saved: list[torch.Tensor] = []
+
+    def before(_opt, _args, _kwargs):
+        saved[:] = [p.detach().clone() for p in parameters]
+
+    def after(_opt, _args, _kwargs):
+        with torch.no_grad():
+            for p, old in zip(parameters, saved):
+                p.mul_(scale).add_(old, alpha=1 - scale)
+        saved.clear()
+
+    return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+

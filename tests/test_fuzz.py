@@ -121,6 +121,7 @@ VALID = {
     "frobenius_decay": lambda r: r.choice([None, 0, 0.0, 1e-4, 1.0]),
     "extra_bn": lambda r: r.choice([None, True, False]),
     "rewarmup_steps": lambda r: r.choice([0, 1, 3, 10**7]),
+    "factor_lr_scale": lambda r: r.choice([1.0, 0.5, 2, 10]),
     "power_iterations": lambda r: r.choice([1, 4, 1000]),
     "power_iteration_seed": lambda r: r.choice([0, 1, 2**64 - 1]),
 }

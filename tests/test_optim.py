@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cuttlefish_hf.optim import attach_frobenius_decay, attach_rewarmup, replace_parameters_, unwrap_optimizer
+from cuttlefish_hf.optim import (attach_frobenius_decay, attach_rewarmup, attach_step_scale, replace_parameters_,
+                                 unwrap_optimizer)
 from cuttlefish_hf.surgery import factorize_
 
 
@@ -362,3 +363,28 @@ def test_new_zero_decay_group_is_scheduled_through_accelerate_wrappers():
         optimizer.step()
         scheduler.step()
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-3, 5e-3])
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
+def test_step_scale_multiplies_the_learning_rate_of_its_parameters_only(optimizer_class):
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4), torch.randn(4)]
+
+    def run(scale_by_hook: bool) -> list[torch.Tensor]:
+        scaled, plain = (torch.nn.Parameter(value.clone()) for value in start)
+        options = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {"weight_decay": 0.1}
+        if scale_by_hook:  # one group at lr 0.01, the hook triples the first parameter's steps
+            optimizer = optimizer_class([scaled, plain], lr=0.01, **options)
+            attach_step_scale(optimizer, [scaled], 3.0)
+        else:
+            optimizer = optimizer_class([{"params": [scaled], "lr": 0.03}, {"params": [plain], "lr": 0.01}],
+                                        **options)
+        for _ in range(3):
+            optimizer.zero_grad()
+            ((scaled ** 2).sum() + (plain ** 3).sum()).backward()
+            optimizer.step()
+        return [scaled.detach(), plain.detach()]
+
+    hooked, reference = run(True), run(False)
+    torch.testing.assert_close(hooked, reference)
+    assert not torch.allclose(hooked[0], start[0], atol=0.05)
