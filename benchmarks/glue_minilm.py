@@ -68,7 +68,9 @@ METHOD_FLAGS = {
     "cuttlefish_default_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", "--frobenius_decay", "0"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
     "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--activation_tokens", "16384"],
-    # a learning-rate multiplier for the factors after the switch (the default otherwise)
+    # the factors' learning-rate multiplier after the switch (factor_lr_scale="auto" picks 2 for pretrained weights;
+    # the default was 1 before), the default otherwise
+    "cuttlefish_factor_lr_1": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "1"],
     "cuttlefish_factor_lr_2": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "2"],
     "cuttlefish_factor_lr_4": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "4"],
 }
@@ -117,23 +119,24 @@ def encoder_linear_params(folder: Path) -> tuple[int, int]:
 
 
 def run_sampling_load(command: list[str]) -> tuple[float, float, list[float]]:
-    """Run ``command`` to the end; its wall seconds, CPU seconds, and the 1-minute load average every 10 s."""
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run ``command`` to the end; its wall seconds, CPU seconds, peak resident memory (MiB) and the 1-minute
+    load average every 10 s."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    loads = [os.getloadavg()[0]]
+    loads, sampled = [os.getloadavg()[0]], start
     while True:
-        try:
-            process.wait(timeout=10)
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # this child's own resource usage
+        if pid:
             break
-        except subprocess.TimeoutExpired:
+        time.sleep(0.2)
+        if time.perf_counter() - sampled >= 10:
             loads.append(os.getloadavg()[0])
+            sampled = time.perf_counter()
     wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise subprocess.CalledProcessError(process.returncode, command)
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    return wall, cpu, loads
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, loads
 
 
 @contextlib.contextmanager
@@ -153,7 +156,8 @@ def run_in_process(argv: list[str]) -> tuple[float, float, list[float]]:
     spec.loader.exec_module(module)
     loads, start, cpu = [os.getloadavg()[0]], time.perf_counter(), time.process_time()
     module.main(argv)
-    return time.perf_counter() - start, time.process_time() - cpu, loads
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak so far
+    return time.perf_counter() - start, time.process_time() - cpu, peak, loads
 
 
 def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False) -> dict:
@@ -161,7 +165,7 @@ def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False)
     counts, times and the machine's load."""
     command = [sys.executable, str(SCRIPT), *flags, "--output_dir", str(output_dir)]
     print(f"== {name}: {' '.join(command)}", flush=True)
-    wall, cpu, loads = run_in_process(command[2:]) if in_process else run_sampling_load(command)
+    wall, cpu, peak_mib, loads = run_in_process(command[2:]) if in_process else run_sampling_load(command)
     results = json.loads((output_dir / "eval_results.json").read_text())
     train = json.loads((output_dir / "train_results.json").read_text())
     params, encoder = encoder_linear_params(output_dir)
@@ -174,6 +178,7 @@ def run(name: str, flags: list[str], output_dir: Path, in_process: bool = False)
         "train_runtime_seconds": train["train_runtime"],
         "wall_seconds": wall,
         "cpu_seconds": cpu,
+        "peak_memory_mib": peak_mib,  # the process's peak resident set (CPU run: model, optimizer, activations)
         "load_average_1min_mean": sum(loads) / len(loads),
         "load_average_1min_max": max(loads),
         "command": portable(" ".join(["python", *command[1:]])),
@@ -208,7 +213,8 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         row = {"seeds": sorted(by_seed), "accuracy_mean": statistics.mean([r["accuracy"] for r in records]),
                "accuracy": [r["accuracy"] for r in records],
                "total_params": records[0]["total_params"], "encoder_linear_params": records[0]["encoder_linear_params"],
-               "train_runtime_seconds_mean": statistics.mean([r["train_runtime_seconds"] for r in records])}
+               "train_runtime_seconds_mean": statistics.mean([r["train_runtime_seconds"] for r in records]),
+               "peak_memory_mib": [r.get("peak_memory_mib") for r in records]}
         if "cuttlefish" in records[0]:
             row["measurement_overhead_percent"] = [r["cuttlefish"]["measurement_overhead_percent"] for r in records]
             row["switch_step"] = [r["cuttlefish"]["switch_step"] for r in records]
@@ -223,24 +229,30 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
             row["encoder_linear_params_ratio"] = base["encoder_linear_params"] / row["encoder_linear_params"]
             row["train_runtime_ratio"] = row["train_runtime_seconds_mean"] / statistics.mean(
                 [vanilla[s]["train_runtime_seconds"] for s in seeds])
+            peaks = [(by_seed[s].get("peak_memory_mib"), vanilla[s].get("peak_memory_mib")) for s in seeds]
+            if all(mine and theirs for mine, theirs in peaks):  # runs recorded before peaks were: none
+                row["peak_memory_ratio"] = statistics.mean(mine / theirs for mine, theirs in peaks)
         table[method] = row
     return table
 
 
 def markdown(table: dict[str, dict]) -> str:
     lines = [("| method | seeds | accuracy % (mean) | vs vanilla | encoder linear params | fewer | train time vs "
-              "vanilla | rank rule | measuring % of train time | step speedup after the switch (ideal) |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "vanilla | peak memory vs vanilla | rank rule | measuring % of train time | step speedup after the "
+              "switch (ideal) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
         overhead = row.get("measurement_overhead_percent")
         speedups = [s for s in row.get("step_speedup_after_switch", []) if s]
         ideal = row.get("targeted_flop_ideal_speedup")
         speed = f"{', '.join(f'{s:.2f}x' for s in speedups)} ({ideal:.2f}x)" if speedups and ideal else "-"
+        peak = f"{row['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in row else "-"
         lines.append(
             f"| {method} | {', '.join(map(str, row['seeds']))} | {100 * row['accuracy_mean']:.2f} "
             f"({', '.join(f'{100 * a:.2f}' for a in row['accuracy'])}) | "
             f"{row.get('accuracy_change_points', 0):+.2f} | {row['encoder_linear_params']:,} | "
             f"{row.get('encoder_linear_params_ratio', 1):.2f}x | {row.get('train_runtime_ratio', 1):.2f} | "
+            f"{peak} | "
             f"{row.get('rank_rule', '-')} | {', '.join(f'{o:.2f}' for o in overhead) if overhead else '-'} | {speed} |")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ LAYER_KINDS = ("attention", "ffn", "other")
 # The measured default for fine-tuning pretrained transformers (benchmarks/pretrained_rank_rules.py): whitened
 # init, FFN matrices keep 70% of their parameters and attention matrices 40% (60% overall with a 4x FFN).
 DEFAULT_KIND_FRACTIONS = {"attention": 0.4, "ffn": 0.7}
+PRETRAINED_FACTOR_LR_SCALE = 2.0  # factor_lr_scale="auto" for pretrained weights (README: the MiniLM fine-tune)
 OTHER_KIND_FRACTION = 0.6  # layers of no known kind, unless kind_fractions names "other"
 # Tokens (rows of a Linear's input, or spatial positions of a conv's input) per batch when the run's are unknown:
 # e.g. batch 32 x 128 tokens of text, or batch 16 x 256 patches (a 224px ViT-B/14).
@@ -136,7 +137,9 @@ _RANGES = {
     "frobenius_decay": _Range(float, 0, 1, also=(None,), meaning="or None for the mode's default",
                               why="the paper uses 1e-4; larger values swamp the loss's gradient"),
     "rewarmup_steps": _Range(int, 0, 10**7, why="longer than any run"),
-    "factor_lr_scale": _Range(float, 0, 10, "(]", why="steps ten times the schedule's already diverge easily"),
+    "factor_lr_scale": _Range(float, 0, 10, "(]", also=("auto",), meaning=(
+        f"or 'auto' ({PRETRAINED_FACTOR_LR_SCALE:g} for pretrained weights, 1 from scratch)"),
+        why="steps ten times the schedule's already diverge easily"),
     "power_iterations": _Range(int, 1, 1000, why="each one is a pass over every tracked weight at every "
                                "measurement; warm-started, 4 suffice"),
     "power_iteration_seed": _Range(int, 0, 2**64 - 1, why="torch generators take 64-bit seeds"),
@@ -250,9 +253,10 @@ class CuttlefishConfig:
         "Mutually exclusive with Frobenius decay.")})
     rewarmup_steps: int = field(default=0, metadata={"help": (
         "After the switch, ramp the learning rate linearly from 0 back to the schedule over this many steps.")})
-    factor_lr_scale: float = field(default=1.0, metadata={"help": (
-        "After the switch, scale each optimizer step of the factors by this (a learning-rate multiplier for the "
-        "factors alone, whatever the optimizer and schedule).")})
+    factor_lr_scale: float | str | None = field(default="auto", metadata={"help": (
+        "After the switch, scale each optimizer step of the factors by this: a learning-rate multiplier for the "
+        "factors alone, whatever the optimizer and schedule. 'auto': 2 for pretrained weights (measured on a "
+        "MiniLM fine-tune: +1.36 points over 1), 1 from scratch (not measured there).")})
     power_iterations: int = field(default=4, metadata={"help": (
         "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
     power_iteration_seed: int = field(default=0, metadata={"help": (
@@ -311,6 +315,11 @@ class CuttlefishConfig:
                                               '\'{"attention": 0.5, "ffn": 0.8}\'')
         if self.kind_fractions is None:
             self.kind_fractions = dict(DEFAULT_KIND_FRACTIONS)
+        if isinstance(self.factor_lr_scale, str) and self.factor_lr_scale != "auto":
+            try:
+                self.factor_lr_scale = float(self.factor_lr_scale)
+            except ValueError:
+                pass  # the range check names the accepted values
         if isinstance(self.skip_first_blocks, str):
             if self.skip_first_blocks.lower() == "none":
                 self.skip_first_blocks = None
@@ -337,6 +346,11 @@ class CuttlefishConfig:
     def resolved_rank_rule(self) -> str:
         """The rank rule, or 'auto' (decided per model at train begin)."""
         return self.rank_rule if self.mode == "cuttlefish" else "fixed_ratio"
+
+    @property
+    def resolved_factor_lr_scale(self) -> float | str:
+        """The factors' step multiplier, or 'auto' (decided per model at train begin; the baselines' is 1)."""
+        return self.factor_lr_scale if self.mode == "cuttlefish" or self.factor_lr_scale != "auto" else 1.0
 
     @property
     def resolved_init(self) -> str:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
@@ -129,7 +129,9 @@ class Cuttlefish:
         if self.factorized_before_training:  # trains on as switched: no second switch
             self.switch_step = 0
             self.report = factorization_report(self.model)
-            self.method = Method("none", "none", "none", "the model was already factorized when training began")
+            scale = config.resolved_factor_lr_scale
+            self.method = Method("none", "none", "none", "the model was already factorized when training began",
+                                 factor_lr_scale=1.0 if scale == "auto" else scale)
 
     # -- what the config names ------------------------------------------------------------------------
     def _measurement_period(self) -> int | None:
@@ -195,10 +197,11 @@ class Cuttlefish:
             self.method = resolve_method(self.config, self.init_stable_ranks, self._shapes())
             when = {"fixed": f"after fixed_warmup_fraction={self.config.fixed_warmup_fraction:g} of the steps",
                     "stable_ranks": "once the stable ranks settle"}[self.method.warmup]
+            scale = self.method.factor_lr_scale
             logger.log(self.log_level, "Cuttlefish will switch %s, choose ranks with the %s rule and start the "
-                       "factors from the %s init (%s).", when if self.config.mode == "cuttlefish" else
+                       "factors from the %s init%s (%s).", when if self.config.mode == "cuttlefish" else
                        f"as {self.config.mode} mode does", self.method.rank_rule, self.method.init,
-                       self.method.reason)
+                       f", their steps scaled by {scale:g}" if scale != 1 else "", self.method.reason)
 
     def _start_recording(self) -> None:
         """Hook the Linear targets to record their inputs' second moments, if the init needs them."""
@@ -439,10 +442,10 @@ class Cuttlefish:
         if self.config.rewarmup_steps:
             done = 0 if step is None or self.switch_step is None else step - self.switch_step
             self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
-        if self.config.factor_lr_scale != 1:
+        if self.method.factor_lr_scale != 1:
             factors = [p for m in self._factorized_modules().values() for p in (m.first.weight, m.second.weight)
                        if p.requires_grad]
-            self._hooks.extend(attach_step_scale(optimizer, factors, self.config.factor_lr_scale))
+            self._hooks.extend(attach_step_scale(optimizer, factors, self.method.factor_lr_scale))
 
     # -- reporting and checkpoints ----------------------------------------------------------------------
     def step_times(self) -> dict[str, float | None]:
@@ -482,6 +485,7 @@ class Cuttlefish:
             "rank_rule": self.rank_rule or self.config.resolved_rank_rule,
             "init": self.method.init if self.method else self.config.resolved_init,
             "warmup": self.method.warmup if self.method else self.config.warmup,
+            "factor_lr_scale": self.method.factor_lr_scale if self.method else self.config.factor_lr_scale,
             "rank_rule_reason": self.rank_rule_reason,
             "switch_step": self.switch_step,
             "switch_epoch": None if self.switch_step is None or not self.steps_per_epoch
@@ -504,8 +508,7 @@ class Cuttlefish:
             "tracker": self.tracker.state_dict(),
             "measured_steps": list(self.measured_steps),
             "init_stable_ranks": self.init_stable_ranks,
-            "method": None if method is None else [method.rank_rule, method.init, method.xi_reference, method.reason,
-                                                   method.warmup],
+            "method": None if method is None else list(astuple(method)),
             "switch_step": self.switch_step,
             "steps_to_record": self._steps_to_record,
             "recording_paused": self.activations is not None and not self.activations.collecting,

@@ -148,20 +148,18 @@ def attach_rewarmup(optimizer, steps: int, done: int = 0):
 
 def attach_step_scale(optimizer, parameters: Iterable[nn.Parameter], scale: float):
     """Scale each optimizer step of ``parameters`` by ``scale``: after the step, ``p = old + scale * (p - old)``
-    (a learning-rate multiplier for these parameters alone, for any optimizer, schedule or group layout).
-    Holds one copy of the parameters during each step. Returns a list of the two hook handles."""
+    (a learning-rate multiplier for these parameters alone, for any optimizer, schedule or group layout, so
+    checkpoints keep the optimizer's layout). Holds one copy of the parameters; two multi-tensor ops per step.
+    Returns a list of the two hook handles."""
     optimizer = unwrap_optimizer(optimizer)
     parameters = list(parameters)
-    saved: list[torch.Tensor] = []
+    saved = [p.detach().clone() for p in parameters]
 
     def before(_opt, _args, _kwargs):
-        saved[:] = [p.detach().clone() for p in parameters]
+        torch._foreach_copy_(saved, [p.detach() for p in parameters])
 
     def after(_opt, _args, _kwargs):
-        with torch.no_grad():
-            for p, old in zip(parameters, saved):
-                p.mul_(scale).add_(old, alpha=1 - scale)
-        saved.clear()
+        with torch.no_grad():  # p + (1 - scale) * (old - p) = old + scale * (p - old)
+            torch._foreach_lerp_(parameters, saved, 1 - scale)
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
-

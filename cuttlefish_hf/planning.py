@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .config import CuttlefishConfig
+from .config import PRETRAINED_FACTOR_LR_SCALE, CuttlefishConfig
 from .rank_rules import (PRETRAINED_SRANK_FRACTION, RankDecision, break_even_rank, decide_ranks,
                          random_matrix_stable_rank, rank_from_singular_values)
 from .targeting import block_indices, find_targets, matches
@@ -103,6 +103,7 @@ class Method:
     xi_reference: str
     reason: str
     warmup: str = "stable_ranks"  # 0.1 / early 0.2 checkpoints saved the first four fields only
+    factor_lr_scale: float = 1.0   # checkpoints before factor_lr_scale trained with 1
 
     @property
     def records_inputs(self) -> bool:
@@ -115,12 +116,14 @@ def resolve_method(config: CuttlefishConfig, init_stable_ranks: Mapping[str, flo
     """Turn the config's ``"auto"`` choices into names, with one pretrained verdict for all of them."""
     rule, init, xi_reference = config.resolved_rank_rule, config.resolved_init, config.xi_reference
     warmup = config.warmup if config.mode == "cuttlefish" else "stable_ranks"  # the baselines' is fixed
+    scale = config.resolved_factor_lr_scale
     xi_matters = rule in ("auto", "scaled_stable_rank")
-    if "auto" not in (rule, init, warmup) and not (xi_matters and xi_reference == "auto"):
+    if "auto" not in (rule, init, warmup, scale) and not (xi_matters and xi_reference == "auto"):
         reason = "set in the config" if config.mode == "cuttlefish" else f"{config.mode} mode uses a fixed rank ratio"
-        return Method(rule, init, xi_reference, reason, warmup)
+        return Method(rule, init, xi_reference, reason, warmup, scale)
     check = detect_pretrained(init_stable_ranks, shapes)
-    auto = [name for name, value in (("rank_rule", rule), ("init", init), ("warmup", warmup)) if value == "auto"]
+    auto = [name for name, value in (("rank_rule", rule), ("init", init), ("warmup", warmup),
+                                     ("factor_lr_scale", scale)) if value == "auto"]
     if rule == "auto":
         rule = "kind_fractions" if check.pretrained else "scaled_stable_rank"
     if init == "auto":
@@ -129,8 +132,10 @@ def resolve_method(config: CuttlefishConfig, init_stable_ranks: Mapping[str, flo
         warmup = "fixed" if check.pretrained else "stable_ranks"
     if xi_reference == "auto":
         xi_reference = "random_matrix" if check.pretrained else "init"
+    if scale == "auto":
+        scale = PRETRAINED_FACTOR_LR_SCALE if check.pretrained else 1.0
     said = " and ".join(f"{name}='auto'" for name in auto) or "xi_reference='auto'"
-    return Method(rule, init, xi_reference, f"{said} and the {check.reason}", warmup)
+    return Method(rule, init, xi_reference, f"{said} and the {check.reason}", warmup, scale)
 
 
 def rank_overrides(targets: Sequence[str], rank_pattern: Mapping[str, int]) -> dict[str, int]:

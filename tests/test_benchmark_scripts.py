@@ -69,11 +69,15 @@ def test_switch_cost_smoke(tmp_path):
 def test_glue_minilm_comparison_lists_each_seed_in_the_order_of_its_seeds():
     driver = load_driver("glue_minilm")
     record = dict(total_params=10, encoder_linear_params=6, train_runtime_seconds=1.0)
-    runs = {"vanilla": {42: {**record, "accuracy": 0.70}, 43: {**record, "accuracy": 0.80}},
-            "method": {43: {**record, "accuracy": 0.90}, 42: {**record, "accuracy": 0.60}}}  # run 43 first
+    runs = {"vanilla": {42: {**record, "accuracy": 0.70, "peak_memory_mib": 100},
+                        43: {**record, "accuracy": 0.80, "peak_memory_mib": 200}},
+            "method": {43: {**record, "accuracy": 0.90, "peak_memory_mib": 100},  # run 43 first
+                       42: {**record, "accuracy": 0.60, "peak_memory_mib": 100}}}
     row = driver.compare(runs)["method"]
     assert row["seeds"] == [42, 43] and row["accuracy"] == [0.60, 0.90]
     assert abs(row["accuracy_change_points"] - 0.0) < 1e-9  # (-10 + 10) / 2, paired by seed
+    assert row["peak_memory_ratio"] == 0.75  # (100/100 + 100/200) / 2, paired by seed
+    assert "| 0.75 |" in driver.markdown(driver.compare(runs))
 
 
 @pytest.mark.parametrize("compiled", [False, True])

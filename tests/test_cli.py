@@ -108,7 +108,8 @@ def test_inspect_defaults_to_the_rule_training_would_use(models, folder, rule, w
     code, out, err = cli("inspect", models["root"] / folder, capsys=capsys)
     assert code == 0, err
     assert " ".join(out.split()).startswith(f"Ranks by the {rule} rule, the one training would use: "
-                                            "rank_rule='auto' and init='auto' and warmup='auto' and the")
+                                            "rank_rule='auto' and init='auto' and warmup='auto' and "
+                                            "factor_lr_scale='auto' and the")
     assert why in " ".join(out.split())
     if rule == "kind_fractions":  # attention keeps 0.4, FFN 0.7 of its parameters: floor(f*m*n/(m+n))
         assert row_of(out, "0.attention.self.query")[5] == "6" and row_of(out, "0.intermediate.dense")[5] == "14"

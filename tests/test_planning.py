@@ -50,16 +50,20 @@ def test_one_verdict_resolves_rule_init_and_xi_reference(pretrained, expected):
     method = resolve_method(CuttlefishConfig(), *_init_ranks(model))
     assert (method.rank_rule, method.init, method.xi_reference) == expected
     assert method.records_inputs == (expected[1] == "whitened")
-    assert method.reason.startswith("rank_rule='auto' and init='auto' and warmup='auto' and the weights look")
+    assert method.reason.startswith("rank_rule='auto' and init='auto' and warmup='auto' and factor_lr_scale='auto' "
+                                    "and the weights look")
     assert method.warmup == ("fixed" if pretrained else "stable_ranks")
+    assert method.factor_lr_scale == (2.0 if pretrained else 1.0)
 
 
 def test_explicit_choices_need_no_verdict():
-    method = resolve_method(CuttlefishConfig(rank_rule="energy", init="svd", warmup="stable_ranks"), {}, {})
-    assert method == Method("energy", "svd", "auto", "set in the config", "stable_ranks")
+    config = CuttlefishConfig(rank_rule="energy", init="svd", warmup="stable_ranks", factor_lr_scale="3")
+    method = resolve_method(config, {}, {})
+    assert method == Method("energy", "svd", "auto", "set in the config", "stable_ranks", 3.0)
     # the baselines: fixed ratio, plain SVD
     method = resolve_method(CuttlefishConfig(mode="pufferfish"), {}, {})
     assert (method.rank_rule, method.init) == ("fixed_ratio", "svd") and "pufferfish mode" in method.reason
+    assert method.factor_lr_scale == 1.0
 
 
 def test_plan_switch_is_pure_and_applies_rank_pattern():

@@ -28,15 +28,18 @@ def batch(seed: int = 0, size: int = 16, length: int = 12) -> torch.Tensor:
     (CuttlefishConfig(), False, "scaled_stable_rank", "svd", "randomly initialized"),
     (CuttlefishConfig(), True, "kind_fractions", "whitened", "look pretrained"),
     (CuttlefishConfig(rank_rule="energy"), True, "energy", "whitened",
-     "init='auto' and warmup='auto' and the weights look pretrained"),
-    (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd", "warmup='auto' and the weights look"),
+     "init='auto' and warmup='auto' and factor_lr_scale='auto' and the weights look pretrained"),
+    (CuttlefishConfig(rank_rule="energy", init="svd"), True, "energy", "svd",
+     "warmup='auto' and factor_lr_scale='auto' and the weights look"),
     (CuttlefishConfig(rank_rule="energy", init="svd", warmup="fixed"), True, "energy", "svd",
+     "factor_lr_scale='auto' and the weights look pretrained"),
+    (CuttlefishConfig(rank_rule="energy", init="svd", warmup="fixed", factor_lr_scale=1), True, "energy", "svd",
      "set in the config"),
     (CuttlefishConfig(rank_rule="kind_fractions", init="whitened"), False, "kind_fractions", "whitened",
-     "warmup='auto' and the weights look randomly initialized"),
+     "warmup='auto' and factor_lr_scale='auto' and the weights look randomly initialized"),
     (CuttlefishConfig(rank_rule="activation_aware"), False, "kind_fractions", "whitened", "warmup='auto'"),
     (CuttlefishConfig(init="svd"), True, "kind_fractions", "svd",
-     "rank_rule='auto' and warmup='auto' and the weights look pretrained"),
+     "rank_rule='auto' and warmup='auto' and factor_lr_scale='auto' and the weights look pretrained"),
     (CuttlefishConfig(mode="pufferfish"), True, "fixed_ratio", "svd", "pufferfish mode"),
 ])
 def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrained, rule, init, reason):
@@ -50,6 +53,9 @@ def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrain
     summary = controller.summary()
     assert summary["rank_rule"] == rule and summary["init"] == init
     assert summary["rank_rule_reason"] == controller.rank_rule_reason
+    auto_scale = 2.0 if pretrained and config.mode == "cuttlefish" else 1.0  # config.PRETRAINED_FACTOR_LR_SCALE
+    assert controller.method.factor_lr_scale == (auto_scale if config.factor_lr_scale == "auto"
+                                                 else config.factor_lr_scale)
 
 
 def test_statistics_restart_after_each_measurement_and_stop_at_the_token_cap():
