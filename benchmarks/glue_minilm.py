@@ -73,6 +73,7 @@ METHOD_FLAGS = {
     "cuttlefish_factor_lr_1": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "1"],
     "cuttlefish_factor_lr_2": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "2"],
     "cuttlefish_factor_lr_4": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "4"],
+    "cuttlefish_factor_lr_8": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "8"],
 }
 # Candidates measured with options the library dropped after losing: their records stay in the results file;
 # rerun them at the named commit.

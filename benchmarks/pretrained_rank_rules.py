@@ -6,8 +6,10 @@ as glue_minilm does. Every candidate is a set of ``CuttlefishConfig`` flags; unl
 where the library's default does (``warmup="auto"``: for pretrained weights, after ``fixed_warmup_fraction``
 of the steps, step 94 of 375 here).
 
-* ``kind_whitened`` - the pretrained default: ``kind_fractions`` (attention:FFN kept as 0.4:0.7), ``whitened`` init;
-* ``kind_whitened_wait`` - the same, switching where the 0.1 default did: once the stable ranks settle
+* ``kind_whitened`` - the pretrained default: ``kind_fractions`` (attention:FFN kept as 0.4:0.7), ``whitened`` init,
+  the factors' steps scaled by 4 after the switch (``factor_lr_scale="auto"``);
+* ``kind_whitened_lr1`` - the default before ``factor_lr_scale`` (``--factor_lr_scale 1``);
+* ``kind_whitened_wait`` - the 0.1 default: that, switching once the stable ranks settle
   (``--warmup stable_ranks``, step 150 of 375 here);
 * ``kind_svd`` - the default's ranks and switch point, plain SVD factors;
 * ``uniform_whitened`` / ``uniform_svd`` - every layer keeps the same fraction;
@@ -18,10 +20,14 @@ of the steps, step 94 of 375 here).
 ``--fractions`` sweeps the fraction of the encoder's Linear weights kept: uniform candidates keep it in every
 layer; kind candidates scale attention and FFN fractions together (ratio 0.4:0.7) so that the whole encoder
 keeps it. Each run writes ``outputs/pretrained_rank_rules/runs/<run>.json``; ``collect`` merges them into
-``benchmarks/results/pretrained_rank_rules_v2.json`` and a plot (``.png``) next to it:
+``benchmarks/results/pretrained_rank_rules_v3.json`` and a plot (``.png``) next to it (``restore`` puts the runs
+of an earlier results file back into ``runs/``; v2's ``kind_whitened`` runs, made when the default's
+``factor_lr_scale`` was 1, come back as ``kind_whitened_lr1``):
 
+    .venv/bin/python benchmarks/pretrained_rank_rules.py restore \\
+        --from_results benchmarks/results/pretrained_rank_rules_v2.json
     .venv/bin/python benchmarks/pretrained_rank_rules.py run --seeds 42 --candidates vanilla kind_whitened \\
-        kind_whitened_wait --fractions 0.4 0.5 0.6 0.7 0.8
+        kind_whitened_lr1 kind_whitened_wait --fractions 0.4 0.5 0.6 0.7 0.8
     .venv/bin/python benchmarks/pretrained_rank_rules.py run --candidates kind_svd --fractions 0.6 \\
         --epochs 1 --max_train_samples 64   # a smoke run
     .venv/bin/python benchmarks/pretrained_rank_rules.py collect
@@ -50,18 +56,23 @@ import glue_minilm
 from glue_minilm import REPO, minilm_folder
 
 WORK = REPO / "outputs" / "pretrained_rank_rules"
-RESULTS = REPO / "benchmarks" / "results" / "pretrained_rank_rules_v2.json"
+RESULTS = REPO / "benchmarks" / "results" / "pretrained_rank_rules_v3.json"
+LR1 = ("--factor_lr_scale", "1")  # the factors' steps as they were before factor_lr_scale
 MEASURE = ["--measure_every_steps", "25"]
 WAIT = glue_minilm.WAIT  # the 0.1 default's switch point: once the stable ranks settle
 # name -> (rank rule, init, how the --fractions sweep applies: "kind", "uniform" or None, more config flags)
 CANDIDATES = {"kind_whitened": ("kind_fractions", "whitened", "kind", ()),
-              "kind_whitened_wait": ("kind_fractions", "whitened", "kind", WAIT),
+              "kind_whitened_lr1": ("kind_fractions", "whitened", "kind", LR1),
+              "kind_whitened_wait": ("kind_fractions", "whitened", "kind", (*WAIT, *LR1)),
               "kind_svd": ("kind_fractions", "svd", "kind", ()),
               "uniform_whitened": ("kind_fractions", "whitened", "uniform", ()),
               "uniform_svd": ("kind_fractions", "svd", "uniform", ()),
               "paper_rule": ("scaled_stable_rank", "svd", None, WAIT), "vanilla": (None, None, None, ())}
-LABELS = {"kind_whitened": "kind_whitened: the default (switch at 25% of the steps)",
-          "kind_whitened_wait": "kind_whitened_wait: the 0.1 default (switch when the stable ranks settle)"}
+LABELS = {"kind_whitened": "kind_whitened: the default (switch at 25% of the steps, factors' steps x4)",
+          "kind_whitened_lr1": "kind_whitened_lr1: the default before factor_lr_scale (x1)",
+          "kind_whitened_wait": "kind_whitened_wait: the 0.1 default (switch when the stable ranks settle, x1)"}
+# Candidates renamed since an earlier results file: its runs come back under the new name.
+RENAMED = {"kind_whitened": ("kind_whitened_lr1", "run when the default's factor_lr_scale was 1, without the flag")}
 
 
 def kind_weights() -> dict[str, int]:
@@ -109,7 +120,7 @@ def run_all(args: argparse.Namespace) -> None:
     with glue_minilm.copied_data(args.data_dir) as data:
         for seed, candidate in itertools.product(args.seeds, args.candidates):
             for fraction in args.fractions if CANDIDATES[candidate][2] else [None]:
-                name = f"{candidate}{'' if fraction is None else f'-f{fraction:.2f}'}-seed{seed}"
+                name = run_name({"candidate": candidate, "target_fraction": fraction, "seed": seed})
                 path = args.output_dir / "runs" / f"{name}.json"
                 if path.exists() and not args.overwrite:
                     continue
@@ -120,6 +131,24 @@ def run_all(args: argparse.Namespace) -> None:
                               kept_fraction=record["encoder_linear_params"] / dense)
                 path.write_text(json.dumps(record, indent=1) + "\n")
                 print(f"{name}: accuracy {record['accuracy']:.4f}, kept {record['kept_fraction']:.3f}", flush=True)
+
+
+def run_name(record: dict) -> str:
+    fraction = record["target_fraction"]
+    return f"{record['candidate']}{'' if fraction is None else f'-f{fraction:.2f}'}-seed{record['seed']}"
+
+
+def restore(args: argparse.Namespace) -> None:
+    """Put the runs of an earlier results file back into ``runs/`` (renamed candidates under their new name)."""
+    (args.output_dir / "runs").mkdir(parents=True, exist_ok=True)
+    for record in json.loads(args.from_results.read_text())["runs"]:
+        if record["candidate"] in RENAMED:
+            new, why = RENAMED[record["candidate"]]
+            record = {**record, "candidate": new, "renamed_from": f"{record['candidate']} ({why})"}
+        path = args.output_dir / "runs" / f"{run_name(record)}.json"
+        if not path.exists():
+            path.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"restored {path.name}")
 
 
 def collect(args: argparse.Namespace) -> None:
@@ -191,7 +220,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "collect"])
+    parser.add_argument("command", choices=["run", "collect", "restore"])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8],
                         help="fractions of the encoder's Linear weights kept (sweep candidates)")
@@ -205,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_dir", type=Path, default=glue_minilm.DEFAULT_DATA)
     parser.add_argument("--output_dir", type=Path, default=WORK, help="runs/*.json and run_glue outputs")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--from_results", type=Path, help="restore: the earlier results file")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    {"run": run_all, "collect": collect}[args.command](args)
+    {"run": run_all, "collect": collect, "restore": restore}[args.command](args)
 
 
 if __name__ == "__main__":

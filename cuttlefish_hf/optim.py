@@ -16,7 +16,8 @@ from torch import nn
 
 from .layers import FactorizedLayer
 
-__all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", "attach_rewarmup", "attach_step_scale"]
+__all__ = ["unwrap_optimizer", "replace_parameters_", "attach_frobenius_decay", "attach_rewarmup",
+           "attach_step_scale"]
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -92,3 +92,17 @@ def test_step_time_smoke(tmp_path, compiled):
     assert record["fraction_of_ideal"] == pytest.approx(record["step_speedup"] / ideal)
     assert (record["compiled_graphs_low_rank"] >= 1) is compiled
     assert json.loads(output.read_text())["command"].startswith("python benchmarks/step_time.py --model tiny-bert")
+
+
+def test_pretrained_rank_rules_restore_brings_earlier_runs_back_under_their_current_names(tmp_path):
+    driver = load_driver()
+    runs = [{"candidate": "kind_whitened", "target_fraction": 0.6, "seed": 42, "accuracy": 0.76},
+            {"candidate": "vanilla", "target_fraction": None, "seed": 42, "accuracy": 0.77}]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": runs}))
+    driver.main(["restore", "--from_results", str(earlier), "--output_dir", str(tmp_path / "out")])
+    restored = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))
+    assert restored == ["kind_whitened_lr1-f0.60-seed42.json", "vanilla-seed42.json"]
+    record = json.loads((tmp_path / "out" / "runs" / restored[0]).read_text())
+    assert record["candidate"] == "kind_whitened_lr1" and record["renamed_from"].startswith("kind_whitened (")
+    assert record["accuracy"] == 0.76

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuttlefish_hf.config import CuttlefishConfig
+from cuttlefish_hf.config import PRETRAINED_FACTOR_LR_SCALE, CuttlefishConfig
 from cuttlefish_hf.planning import (Method, detect_pretrained, fixed_ratio_saves, keep_dense, plan_switch,
                                     rank_overrides, resolve_method)
 from cuttlefish_hf.stable_rank import stable_ranks
@@ -53,7 +53,7 @@ def test_one_verdict_resolves_rule_init_and_xi_reference(pretrained, expected):
     assert method.reason.startswith("rank_rule='auto' and init='auto' and warmup='auto' and factor_lr_scale='auto' "
                                     "and the weights look")
     assert method.warmup == ("fixed" if pretrained else "stable_ranks")
-    assert method.factor_lr_scale == (2.0 if pretrained else 1.0)
+    assert method.factor_lr_scale == (PRETRAINED_FACTOR_LR_SCALE if pretrained else 1.0) == (4 if pretrained else 1)
 
 
 def test_explicit_choices_need_no_verdict():

@@ -13,6 +13,7 @@ from helpers import KeywordDataset, pretrained_like, tiny_bert
 from transformers import Trainer, TrainingArguments
 
 from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig
+from cuttlefish_hf.config import PRETRAINED_FACTOR_LR_SCALE
 from cuttlefish_hf.targeting import layer_kind
 from cuttlefish_hf.whitening import output_error
 from cuttlefish_hf.layers import FactorizedLinear, svd_factors
@@ -53,7 +54,7 @@ def test_rank_rule_and_init_are_resolved_at_begin_and_explained(config, pretrain
     summary = controller.summary()
     assert summary["rank_rule"] == rule and summary["init"] == init
     assert summary["rank_rule_reason"] == controller.rank_rule_reason
-    auto_scale = 2.0 if pretrained and config.mode == "cuttlefish" else 1.0  # config.PRETRAINED_FACTOR_LR_SCALE
+    auto_scale = PRETRAINED_FACTOR_LR_SCALE if pretrained and config.mode == "cuttlefish" else 1.0
     assert controller.method.factor_lr_scale == (auto_scale if config.factor_lr_scale == "auto"
                                                  else config.factor_lr_scale)
 
@@ -238,6 +239,18 @@ def test_a_checkpoint_from_before_warmup_resumes_waiting_for_the_stable_ranks():
     resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
     resumed.load_state_dict(state)
     assert resumed.method.warmup == "stable_ranks"
+
+
+def test_a_checkpoint_from_before_factor_lr_scale_resumes_with_unscaled_factor_steps():
+    model = pretrained_like(tiny_bert())
+    controller = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    controller.begin()
+    state = controller.state_dict()
+    assert state["method"][5] == PRETRAINED_FACTOR_LR_SCALE == 4.0  # 'auto' on pretrained weights
+    state["method"] = state["method"][:5]  # saved before the field existed: trained with 1
+    resumed = Cuttlefish(model, CuttlefishConfig(), total_steps=100)
+    resumed.load_state_dict(state)
+    assert resumed.method.factor_lr_scale == 1.0 and resumed.method.warmup == "fixed"
 
 
 def test_a_resumed_fixed_warm_up_records_the_same_steps():

@@ -30,6 +30,7 @@ CASES = {
     "callback-accumulation": (Trainer, {}, {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 8}),
     "trainer-whitened": (CuttlefishTrainer, {"rank_rule": "kind_fractions", "init": "whitened"},
                          {"weight_decay": 0.01}),
+    "callback-factor-lr-scale": (Trainer, {"factor_lr_scale": 2.0}, {}),  # the step-scale hook comes back too
 }
 
 
