@@ -256,7 +256,7 @@ class CuttlefishConfig:
     factor_lr_scale: float | str | None = field(default="auto", metadata={"help": (
         "After the switch, scale each optimizer step of the factors by this: a learning-rate multiplier for the "
         "factors alone, whatever the optimizer and schedule. 'auto': 4 for pretrained weights (a MiniLM "
-        "fine-tune gained 2.05 points over 1; 2 and 8 gave +1.36 and +2.19), 1 from scratch (not measured there).")})
+        "fine-tune gained 2.06 points over 1; 2 and 8 gave +1.36 and +2.19), 1 from scratch (not measured there).")})
     power_iterations: int = field(default=4, metadata={"help": (
         "Power iterations per measurement for tracking (warm-started; the switch itself uses exact SVDs).")})
     power_iteration_seed: int = field(default=0, metadata={"help": (
