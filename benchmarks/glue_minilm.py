@@ -68,7 +68,7 @@ METHOD_FLAGS = {
     "cuttlefish_default_no_frobenius": ["--cuttlefish", "--measure_every_steps", "25", "--frobenius_decay", "0"],
     # ablation: 4x more recorded input tokens per measurement period for the activation-aware rule
     "cuttlefish_16k_tokens": ["--cuttlefish", "--measure_every_steps", "25", *WAIT, "--activation_tokens", "16384"],
-    # the factors' learning-rate multiplier after the switch (factor_lr_scale="auto" picks 2 for pretrained weights;
+    # the factors' learning-rate multiplier after the switch (factor_lr_scale="auto" picks 4 for pretrained weights;
     # the default was 1 before), the default otherwise
     "cuttlefish_factor_lr_1": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "1"],
     "cuttlefish_factor_lr_2": ["--cuttlefish", "--measure_every_steps", "25", "--factor_lr_scale", "2"],
