@@ -28,7 +28,7 @@ from cuttlefish_hf import Cuttlefish, CuttlefishConfig
 from cuttlefish_hf.surgery import count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import MODELS, build, flop_ideal_speedup, machine  # noqa: E402  (the same models as the step-time runs)
+from step_time import MODELS, build, flop_ideal_speedup, machine, spread  # noqa: E402  (the same models as the step-time runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +57,7 @@ def time_calls(run, *, device: str, warmup: int, repeats: int) -> dict[str, floa
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"first_call_seconds": first, "median_seconds": median, "min_seconds": min(times),
-            "max_seconds": max(times), "spread": (max(times) - min(times)) / median}
+            "max_seconds": max(times), "spread": spread(times)}
 
 
 def time_model(model: torch.nn.Module, inputs: dict, args: argparse.Namespace) -> dict[str, dict]:

@@ -216,11 +216,9 @@ class Cuttlefish:
     def _adopt_factors(self, optimizer, scheduler) -> None:
         """Give a model factorized before training what the switch gives new factors: no L2 weight decay
         while Frobenius decay is on, and the Frobenius-decay (and re-warm-up) hooks."""
-        factors = [p for module in self._factorized_modules().values() for p in
-                   (module.first.weight, module.second.weight) if p.requires_grad]
         if self.config.resolved_frobenius_decay > 0 and self.exclude_factors_from_weight_decay:
-            replace_parameters_(optimizer, self.model, {p: [p] for p in factors}, scheduler=scheduler,
-                                zero_weight_decay=True)
+            replace_parameters_(optimizer, self.model, {p: [p] for p in self._trainable_factors()},
+                                scheduler=scheduler, zero_weight_decay=True)
         self.attach_hooks(optimizer)
 
     def measure(self) -> dict[str, float]:
@@ -418,6 +416,10 @@ class Cuttlefish:
     def _factorized_modules(self) -> dict[str, FactorizedLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, FactorizedLayer)}
 
+    def _trainable_factors(self) -> list[nn.Parameter]:
+        return [p for module in self._factorized_modules().values() for p in
+                (module.first.weight, module.second.weight) if p.requires_grad]
+
     def _swap_in_optimizer(self, step: int, optimizer, scheduler, old: dict[str, nn.Parameter]) -> SwitchResult:
         factorized = self._factorized_modules()
         replacements = {old[name]: [q for q in (factorized[name].first.weight, factorized[name].second.weight)
@@ -443,9 +445,7 @@ class Cuttlefish:
             done = 0 if step is None or self.switch_step is None else step - self.switch_step
             self._hooks.extend(attach_rewarmup(optimizer, self.config.rewarmup_steps, done=done))
         if self.method.factor_lr_scale != 1:
-            factors = [p for m in self._factorized_modules().values() for p in (m.first.weight, m.second.weight)
-                       if p.requires_grad]
-            self._hooks.extend(attach_step_scale(optimizer, factors, self.method.factor_lr_scale))
+            self._hooks.extend(attach_step_scale(optimizer, self._trainable_factors(), self.method.factor_lr_scale))
 
     # -- reporting and checkpoints ----------------------------------------------------------------------
     def step_times(self) -> dict[str, float | None]:

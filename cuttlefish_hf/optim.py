@@ -153,14 +153,13 @@ def attach_step_scale(optimizer, parameters: Iterable[nn.Parameter], scale: floa
     checkpoints keep the optimizer's layout). Holds one copy of the parameters; two multi-tensor ops per step.
     Returns a list of the two hook handles."""
     optimizer = unwrap_optimizer(optimizer)
-    parameters = list(parameters)
-    saved = [p.detach().clone() for p in parameters]
+    values = [p.detach() for p in parameters]  # the parameters' storage, outside autograd
+    saved = [v.clone() for v in values]
 
     def before(_opt, _args, _kwargs):
-        torch._foreach_copy_(saved, [p.detach() for p in parameters])
+        torch._foreach_copy_(saved, values)
 
     def after(_opt, _args, _kwargs):
-        with torch.no_grad():  # p + (1 - scale) * (old - p) = old + scale * (p - old)
-            torch._foreach_lerp_(parameters, saved, 1 - scale)
+        torch._foreach_lerp_(values, saved, 1 - scale)  # p + (1 - scale) * (old - p) = old + scale * (p - old)
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
