@@ -374,8 +374,9 @@ class Cuttlefish:
         return result
 
     def _slow_layers(self, decisions: list[RankDecision]) -> list[str]:
-        """``skip_first_blocks="auto"``: time the planned layers (rank 0 only, under DDP); the ones whose
-        factorization is not faster by ``profile_margin``."""
+        """``skip_first_blocks="auto"``: time the planned layers (rank 0 only, under DDP; compiled when
+        torch.compile compiled graphs since ``begin``); the ones whose factorization is not faster by
+        ``profile_margin``."""
         config = self.config
         slow = None
         if not _distributed() or torch.distributed.get_rank() == 0:
@@ -383,7 +384,7 @@ class Cuttlefish:
                 self.model, {d.name: d.rank for d in decisions if d.factorize},
                 tokens_per_batch=config.profile_tokens_per_batch, margin=config.profile_margin,
                 dtype=getattr(torch, config.profile_dtype) if config.profile_dtype else None,
-                extra_bn=config.resolved_extra_bn)
+                extra_bn=config.resolved_extra_bn, compiled=graphs_compiled() > self._graphs_at["start"])
             self.timings.profile_seconds = self.profile_report.seconds
             logger.log(self.log_level, "Cuttlefish timed the planned layers (skip_first_blocks='auto'):\n%s",
                        self.profile_report)

@@ -12,8 +12,10 @@ comparison; each time is the median of its ``repeats`` (outliers do not move it)
 speed-ups is reported. A speed-up above the layer's FLOP ideal (dense over factorized multiply-adds) is not
 physics but a measurement fault: it is flagged, in the table and in :attr:`ProfileReport.faults`. On CUDA every
 window is synchronized and holds enough calls to last about 10 ms, so launch overhead and timer resolution do
-not decide. Results are cached by ``(device, dtype, layer, input shape, rank)``: equal layers (the 12 blocks of
-BERT) are measured once.
+not decide. A run that trains compiled is profiled compiled (``compiled=True``: each layer through
+``torch.compile``, inductor, so the timings include what fusion and the compiled backward change). Results are
+cached by ``(device, dtype, compiled, layer, input shape, rank)``: equal layers (the 12 blocks of BERT) are measured
+once.
 
 Example:
     >>> model = nn.Sequential(nn.Sequential(nn.Linear(1024, 1024)), nn.Sequential(nn.Linear(64, 64)))
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compilation import retrace_compiled
 from .config import DEFAULT_TOKENS_PER_BATCH
 from .layers import FactorizedLayer, dense_shape, factorized_like, is_factorizable
 from .tables import render_table
@@ -136,6 +139,7 @@ class ProfileReport:
     margin: float = 0.1
     device: str = "cpu"
     dtype: str = "float32"
+    compiled: bool = False  # timed through torch.compile
     seconds: float = 0.0  # wall time profile_layers took, measuring and cache look-ups included
     measured: int = 0  # (layer, rank) pairs timed, dense and factorized side by side (the others: the cache)
     cached: int = 0
@@ -162,7 +166,7 @@ class ProfileReport:
                   f"or a timer that does not see the device's work)" if self.faults else "")
         return "\n".join([
             render_table(header, rows, align="lrrrrrrrrl"),
-            (f"forward+backward on {self.device} in {self.dtype}; a layer is factorized when it takes at most "
+            (f"forward+backward on {self.device} in {self.dtype}{', compiled' if self.compiled else ''}; a layer is factorized when it takes at most "
              f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g}){faults}"),
             (f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took {self.seconds:.2f}s "
              f"({self.measured} layers timed, {self.cached} from the cache)")])
@@ -213,27 +217,30 @@ def _build(module: nn.Module, rank: int | None, extra_bn: bool, device: torch.de
 
 
 def _forward_backward(layer: nn.Module, input_shape: Sequence[int], device: torch.device,
-                      dtype: torch.dtype) -> Callable[[], None]:
-    """A closure running forward+backward of ``layer`` (gradients for its input and parameters)."""
+                      dtype: torch.dtype, compiled: bool) -> Callable[[], None]:
+    """A closure running forward+backward of ``layer`` (gradients for its input and parameters), through
+    ``torch.compile`` when ``compiled`` (compiled on the first call: a warm-up)."""
     x = torch.randn(*input_shape, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         grad = torch.randn_like(layer(x))
     parameters = list(layer.parameters())
+    forward = torch.compile(layer, dynamic=False) if compiled else layer
 
     def run() -> None:
         x.grad = None
         for parameter in parameters:  # fresh gradients: accumulating would add work the training step lacks
             parameter.grad = None
-        layer(x).backward(grad)
+        forward(x).backward(grad)
 
     return run
 
 
 def _paired_seconds(dense: nn.Module, factorized: nn.Module, input_shape: Sequence[int], timer: Timer,
-                    repeats: int, warmup: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+                    repeats: int, warmup: int, device: torch.device, dtype: torch.dtype,
+                    compiled: bool) -> tuple[float, float, float]:
     """Median seconds of the dense and the factorized layer, timed alternately, and the spread of the pairs'
     speed-ups (``(max - min) / median``)."""
-    runs = [(_forward_backward(layer, input_shape, device, dtype), layer) for layer in (dense, factorized)]
+    runs = [(_forward_backward(layer, input_shape, device, dtype, compiled), layer) for layer in (dense, factorized)]
     for _ in range(warmup):
         for run, layer in runs:
             timer(run, layer)
@@ -256,6 +263,7 @@ def profile_layers(
     extra_bn: bool = False,
     repeats: int = 5,
     warmup: int = 2,
+    compiled: bool = False,
     timer: Timer | None = None,
     cache: MutableMapping[tuple, float] | None = None,
 ) -> ProfileReport:
@@ -272,6 +280,10 @@ def profile_layers(
         margin: the factorized layer must take at most ``(1 - margin)`` of the dense time.
         extra_bn: time factorized convs with the extra BatchNorm (Pufferfish).
         repeats, warmup: timed and discarded calls of the timer per measurement.
+        compiled: time each layer through ``torch.compile`` (inductor), as a compiled training step runs it. Each
+            distinct layer compiles twice (dense and factorized; seconds each on a CPU); afterwards torch.compile's
+            caches are reset (:func:`~cuttlefish_hf.compilation.retrace_compiled`), so the profiled layers' graphs
+            do not count against the model's recompile limit: a compiled model re-traces once on its next call.
         timer: ``timer(run, module) -> seconds`` (default :class:`SynchronizedTimer`); inject one for tests.
         cache: where timings are stored and looked up (default: a process-wide cache).
 
@@ -294,27 +306,30 @@ def profile_layers(
     if missing:
         raise ValueError(f"profile_layers: {missing[:5]} are not Linear/Conv2d (or factorized) modules of "
                          f"{type(model).__name__}.")
-    report = ProfileReport(margin=margin)
+    report = ProfileReport(margin=margin, compiled=compiled)
     timers: dict[torch.device, Timer] = {}
-    for name, rank in ranks.items():
-        module = modules[name]
-        weight = next(module.parameters())
-        layer_device = torch.device(device) if device is not None else weight.device
-        layer_dtype = dtype or weight.dtype
-        report.device, report.dtype = str(layer_device), str(layer_dtype).removeprefix("torch.")
-        shape = tuple(input_shapes[name]) if input_shapes and name in input_shapes else \
-            synthetic_input_shape(module, tokens_per_batch)
-        layer_timer = timer or timers.setdefault(layer_device, SynchronizedTimer(layer_device))
-        key = (str(layer_device), str(layer_dtype), _signature(module), shape, rank, extra_bn)
-        if key not in cache:
-            cache[key] = _paired_seconds(_build(module, None, extra_bn, layer_device, layer_dtype),
-                                         _build(module, rank, extra_bn, layer_device, layer_dtype), shape,
-                                         layer_timer, repeats, warmup, layer_device, layer_dtype)
-            report.measured += 1
-        else:
-            report.cached += 1
-        dense_ms, factorized_ms, spread = 1000 * cache[key][0], 1000 * cache[key][1], cache[key][2]
-        report.layers.append(LayerTiming(name, dense_shape(module), rank, shape, dense_ms, factorized_ms,
-                                         keep_dense=factorized_ms > (1 - margin) * dense_ms, spread=spread))
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(ranks))):  # a graph per distinct layer
+        for name, rank in ranks.items():
+            module = modules[name]
+            weight = next(module.parameters())
+            layer_device = torch.device(device) if device is not None else weight.device
+            layer_dtype = dtype or weight.dtype
+            report.device, report.dtype = str(layer_device), str(layer_dtype).removeprefix("torch.")
+            shape = tuple(input_shapes[name]) if input_shapes and name in input_shapes else \
+                synthetic_input_shape(module, tokens_per_batch)
+            layer_timer = timer or timers.setdefault(layer_device, SynchronizedTimer(layer_device))
+            key = (str(layer_device), str(layer_dtype), compiled, _signature(module), shape, rank, extra_bn)
+            if key not in cache:
+                cache[key] = _paired_seconds(_build(module, None, extra_bn, layer_device, layer_dtype),
+                                             _build(module, rank, extra_bn, layer_device, layer_dtype), shape,
+                                             layer_timer, repeats, warmup, layer_device, layer_dtype, compiled)
+                report.measured += 1
+            else:
+                report.cached += 1
+            dense_ms, factorized_ms, spread = 1000 * cache[key][0], 1000 * cache[key][1], cache[key][2]
+            report.layers.append(LayerTiming(name, dense_shape(module), rank, shape, dense_ms, factorized_ms,
+                                             keep_dense=factorized_ms > (1 - margin) * dense_ms, spread=spread))
+    if compiled and report.measured:
+        retrace_compiled()
     report.seconds = time.perf_counter() - start
     return report

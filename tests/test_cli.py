@@ -164,6 +164,10 @@ def test_profile_text_and_vision(models, capsys):
     assert code == 0, err
     assert "34x32" in out  # 2 images x (16 patches + class token)
     assert "leading blocks kept entirely dense:" in out
+    code, out, err = cli("profile", models["root"] / "bert", "--batch-size", "2", "--seq-len", "8", *fast,
+                         "--compile", capsys=capsys)
+    assert code == 0, err
+    assert "on cpu in float32, compiled;" in out and "(3 layers timed, 9 from the cache)" in out
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])

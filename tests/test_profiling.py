@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from torch import nn
 
 from cuttlefish_hf import Cuttlefish, CuttlefishConfig
 from cuttlefish_hf import controller as controller_module
+from cuttlefish_hf.compilation import graphs_compiled
 from cuttlefish_hf.layers import FactorizedLayer, FactorizedLinear
 from cuttlefish_hf.profiling import SynchronizedTimer, profile_layers, synthetic_input_shape
 
@@ -216,3 +216,51 @@ def test_controller_without_auto_does_not_profile(monkeypatch):
     controller.begin()
     controller.switch(1)
     assert controller.summary()["profile_seconds"] == 0.0 and len(controller.report.plan) == 6
+
+
+def test_compiled_profile_runs_each_distinct_layer_through_torch_compile_then_drops_the_graphs():
+    torch.compiler.reset()
+    before_anything = graphs_compiled()
+    runs = [0]
+    compiled_elsewhere = torch.compile(lambda x: x * 2, backend="eager")
+    compiled_elsewhere(torch.ones(2))
+    assert graphs_compiled() == before_anything + 1
+
+    def timer(run, module):
+        run()
+        runs[0] += 1
+        return 1.0 if isinstance(module, nn.Linear) else 0.5
+
+    model = blocks((32, 32), (32, 32))
+    eager = profile_layers(model, {"0.0": 4, "1.0": 4}, timer=timer, warmup=1, repeats=1, cache={})
+    assert graphs_compiled() == before_anything + 1 and not eager.compiled  # eager: nothing compiled
+    report = profile_layers(model, {"0.0": 4, "1.0": 4}, timer=timer, warmup=1, repeats=1, cache={}, compiled=True)
+    # The dense and the factorized layer each compiled once; the second, equal block came from the cache.
+    assert graphs_compiled() == before_anything + 3 and report.compiled and (report.measured, report.cached) == (1, 1)
+    assert "on cpu in float32, compiled;" in str(report) and report.keep_dense == []
+    # Its graphs were dropped afterwards: what was compiled before re-traces once on its next call.
+    compiled_elsewhere(torch.ones(2))
+    assert graphs_compiled() == before_anything + 4
+    torch.compiler.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_controller_profiles_compiled_when_the_run_compiled(monkeypatch, compiled):
+    seen = {}
+
+    def recording_profile(*args, **kwargs):
+        seen.update(kwargs)
+        return profile_layers(*args, **kwargs, timer=FakeTimer({(32, None): 1.0, (32, 8): 0.5, (64, None): 1.0,
+                                                                 (64, 8): 0.5}), cache={})
+
+    monkeypatch.setattr(controller_module, "profile_layers", recording_profile)
+    torch.compiler.reset()
+    model = tiny_bert()
+    runner = torch.compile(model, backend="eager") if compiled else model
+    controller = Cuttlefish(runner, CuttlefishConfig(skip_first_blocks="auto", rank_rule="fixed_ratio",
+                                                     profile_tokens_per_batch=16))
+    controller.begin()
+    runner(input_ids=torch.ones(2, 8, dtype=torch.long))  # a dense step, compiled or not
+    controller.switch(1)
+    assert seen["compiled"] is compiled and controller.profile_report.compiled is compiled
+    torch.compiler.reset()

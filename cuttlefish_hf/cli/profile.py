@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="training dtype (default: float32)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions per layer (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per layer (default: 2)")
+    parser.add_argument("--compile", action="store_true", help=(
+        "time each layer through torch.compile (inductor), as a compiled training step runs it"))
 
 
 def _example_input(model: nn.Module, seq_len: int | None, image_size: int | None) -> dict[str, torch.Tensor]:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Not reached by the forward pass, not timed: {', '.join(unreached)}")
     planned = {name: rank for name, rank in planned.items() if name in shapes}
     report = profile_layers(model, planned, input_shapes=shapes, dtype=getattr(torch, args.dtype), device=device,
-                            margin=args.margin, repeats=args.repeats, warmup=args.warmup)
+                            margin=args.margin, repeats=args.repeats, warmup=args.warmup, compiled=args.compile)
     print(report)
     keep = report.keep_dense
     print(f"would keep dense: {', '.join(keep) if keep else 'none'}")
