@@ -2,7 +2,8 @@
 # One prepared GPU check (about 10 minutes on one H100/H200-class card), for issue #14's GPU targets: training
 # steps before/after the switch in bf16 with the fused AdamW, torch.compile'd (BERT-base seq 128, DeiT-base, and
 # BERT-large as the wider model) and eager (BERT-base, DeiT-base), device busy time and kernels per step;
-# inference of BERT-base factorized against dense, eager and compiled; the layer speed grid. Each compiled run
+# inference of BERT-base factorized against dense, eager and compiled; the layer speed grid; whether rounding ranks
+# to multiples of 8/16/64 pays (rank_multiple's default). Each compiled run
 # compiles twice (dense, then the factorized model), most of its time.
 # Results: one JSON per check named after the card, step_time.md refreshed, gpu_check_<card>.json with all.
 #   bash benchmarks/gpu_check.sh                      # writes to benchmarks/results/
@@ -38,7 +39,7 @@ check() {  # check NAME SECONDS OUTPUT COMMAND...: run one check under a time li
 }
 step_time() {  # step_time MODEL BATCH [--compile]
   local model=$1 batch=$2 steps=150 compiled=${3:-}
-  if [ "$SMOKE" = 1 ]; then model=tiny-bert; batch=4; steps=10; fi
+  if [ "$SMOKE" = 1 ]; then model=tiny-bert; batch=4; steps=20; fi
   check "step_time $1 batch $2 $([ -n "$compiled" ] && echo compiled || echo eager)" 300 \
     "$OUT/step_time_${1}_${DEVICE}_${dtype}_b${2}${compiled:+_compiled}_${card}.json" \
     $PY benchmarks/step_time.py --model "$model" --device "$DEVICE" --dtype $dtype --batch-size "$batch" \
@@ -61,6 +62,11 @@ inference bert-base 256
 if [ "$SMOKE" != 1 ]; then
   check "layer_speed bf16" 120 "$OUT/layer_speed_cuda_bf16_${card}.json" \
     $PY benchmarks/layer_speed.py --device cuda --dtype bf16
+  check "rank_multiple bf16" 120 "$OUT/rank_multiple_cuda_bf16_${card}.json" \
+    $PY benchmarks/rank_multiple.py --device cuda --dtype bf16
+else
+  check "rank_multiple" 120 "$OUT/rank_multiple_${DEVICE}_${dtype}_${card}.json" \
+    $PY benchmarks/rank_multiple.py --device "$DEVICE" --dtype $dtype --shapes 1 --tokens 64 --repeats 2
 fi
 $PY - "$OUT" "$card" <<'PY'
 import glob, json, sys

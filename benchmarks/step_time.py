@@ -3,8 +3,10 @@
 Measures, in one run, the median optimizer-step time of the dense model and of the factorized model after the
 switch, the rank-measurement overhead, and the FLOP-ideal speedup of the factorized layers; eagerly or with
 ``--compile`` (``TrainingArguments(torch_compile=True)``: inductor, re-traced at the switch; the graphs compiled
-in each phase are recorded). On CUDA the optimizer is the fused AdamW. Synthetic data; no downloads. CUDA timings
-synchronize around every step.
+in each phase are recorded). A few steps of each phase run under the profiler and are split into the matrix
+products (what factorizing shrinks) and the rest (attention, norms, embeddings, the optimizer); on CUDA also
+device busy time and kernels per step. On CUDA the optimizer is the fused AdamW.
+Synthetic data; no downloads. CUDA timings synchronize around every step.
 
     python benchmarks/step_time.py --model bert-base --device cpu --steps 40
     python benchmarks/step_time.py --model bert-base --device cpu --steps 40 --compile
@@ -50,13 +52,18 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-class KernelProfiler(TrainerCallback):
-    """Device busy time and kernel launches per step over a few steps at given points (CUDA only): when a
-    step's wall time is well above its busy time, the step is bound by the host launching kernels."""
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::_addmm_activation"}  # what Linear layers run, eager or inductor
 
-    def __init__(self, starts: dict[str, int], steps: int = 5) -> None:
-        self.starts, self.steps = starts, steps
+
+class StepProfiler(TrainerCallback):
+    """Over a few steps at given points: time spent in matrix products (CPU time on CPU, device time on CUDA),
+    and on CUDA the device busy time and kernel launches. When a CUDA step's wall time is well above its busy
+    time, the step is bound by the host launching kernels. Profiled steps are left out of the step-time medians."""
+
+    def __init__(self, starts: dict[str, int], steps: int, cuda: bool) -> None:
+        self.starts, self.steps, self.cuda = starts, steps, cuda
         self.results: dict[str, dict] = {}
+        self.profiled: set[int] = set()  # global steps (as counted at step begin) run under the profiler
         self._profiler = None
         self._label = None
 
@@ -64,22 +71,34 @@ class KernelProfiler(TrainerCallback):
         for label, start in self.starts.items():
             if state.global_step == start:
                 self._label = label
-                self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if self.cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._profiler = torch.profiler.profile(activities=activities)
                 self._profiler.__enter__()
+        if self._profiler is not None:
+            self.profiled.add(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._profiler is None or state.global_step < self.starts[self._label] + self.steps:
             return
-        torch.cuda.synchronize()
+        if self.cuda:
+            torch.cuda.synchronize()
         self._profiler.__exit__(None, None, None)
-        try:  # kernels (and copies) recorded on the device, each a FunctionEvent of device_type CUDA
-            kernels = [e for e in self._profiler.events() if e.device_type == DeviceType.CUDA]
-            self.results[self._label] = {
-                "device_busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1000 / self.steps,
-                "kernels_per_step": len(kernels) / self.steps}
+        try:
+            self.results[self._label] = self._summarize(self._profiler.events())
         except Exception as error:  # a diagnostic: never lose the timings to it
             self.results[self._label] = {"error": repr(error)}
         self._profiler = None
+
+    def _summarize(self, events) -> dict:
+        matmuls = [e for e in events if e.name in MATMUL_OPS]
+        if not self.cuda:
+            return {"matmul_ms_per_step": sum(e.self_cpu_time_total for e in matmuls) / 1000 / self.steps}
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels and copies on the device
+        return {"matmul_ms_per_step": sum(e.self_device_time_total for e in matmuls) / 1000 / self.steps,
+                "device_busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 1000 / self.steps,
+                "kernels_per_step": len(kernels) / self.steps}
 
 
 BERTS = {  # the BERT-base and BERT-large shapes, and a 2-layer one for smoke tests
@@ -138,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True), inductor")
     parser.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/step_time_...)")
     args = parser.parse_args(argv)
+    if args.steps < 20:
+        parser.error("--steps must be at least 20: each side of the switch needs 3 warm-up, 3 profiled and some "
+                     "timed steps")
 
     torch.manual_seed(0)
     model, data, tokens = build(args.model, args.batch_size)
@@ -150,20 +172,19 @@ def main(argv: list[str] | None = None) -> dict:
         use_cpu=args.device == "cpu", bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", dataloader_num_workers=0,
         torch_compile=args.compile, optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch")
     timer = StepTimer()
-    callbacks = [timer]
-    if args.device == "cuda":  # profile 5 dense steps mid-way to the switch and 5 low-rank steps near the end
-        profiler = KernelProfiler({"dense": int(0.2 * args.steps), "low_rank": int(0.8 * args.steps)})
-        callbacks.append(profiler)
+    cuda = args.device == "cuda"  # profile a few dense steps mid-way to the switch, low-rank ones near the end
+    profiler = StepProfiler({"dense": int(0.2 * args.steps), "low_rank": int(0.8 * args.steps)}, steps=3, cuda=cuda)
     trainer = CuttlefishTrainer(model=model, args=training, train_dataset=data, cuttlefish_config=config,
-                                callbacks=callbacks)
+                                callbacks=[timer, profiler])
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
     controller = trainer.cuttlefish.controller
     switch = controller.switch_step
     warm = 3  # skip allocator / autotuning / compile warm-up on each side of the switch
-    dense_steps = timer.times[warm:switch]
-    low_rank_steps = timer.times[switch + warm:]
+    unprofiled = [(step, seconds) for step, seconds in enumerate(timer.times) if step not in profiler.profiled]
+    dense_steps = [seconds for step, seconds in unprofiled if warm <= step < switch]
+    low_rank_steps = [seconds for step, seconds in unprofiled if step >= switch + warm]
     dense, low_rank = statistics.median(dense_steps), statistics.median(low_rank_steps)
     ideal = flop_ideal_speedup(controller.report)
     summary = controller.summary()
@@ -175,14 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_step_s": dense, "low_rank_step_s": low_rank, "step_speedup": dense / low_rank,
         "targeted_layers_flop_ideal_speedup": ideal, "fraction_of_ideal": dense / low_rank / ideal,
         "dense_step_spread": spread(dense_steps), "low_rank_step_spread": spread(low_rank_steps),
+        "timed_steps": {"dense": len(dense_steps), "low_rank": len(low_rank_steps)},
+        "step_seconds": timer.times,
         "compiled_graphs_dense": summary["compiled_graphs_dense"],
         "compiled_graphs_low_rank": summary["compiled_graphs_low_rank"],
         "measure_seconds": summary["measure_seconds"], "surgery_seconds": summary["surgery_seconds"],
         "measurement_overhead_pct": 100 * summary["measure_seconds"] / total, "train_seconds": total,
+        **matmul_split(profiler.results, {"dense": 1000 * dense, "low_rank": 1000 * low_rank}, ideal),
+        "step_profile": profiler.results,
         "machine": machine(args.device), "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
     }
-    if args.device == "cuda":
-        result["kernel_profile"] = profiler.results
     compiled = "_compiled" if args.compile else ""
     output = args.output or os.path.join(os.path.dirname(__file__), "results",
                                          f"step_time_{args.model}_{args.device}_{args.dtype}{compiled}.json")
@@ -191,6 +214,21 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
     return result
+
+
+def matmul_split(profile: dict, step_ms: dict[str, float], ideal: float) -> dict:
+    """Each phase's median step split into the profiled matrix products and the rest (attention, norms,
+    activations, embeddings, the optimizer, data; the profiler's own overhead stays out: the medians are of
+    unprofiled steps); the matrix products' speed-up against the FLOP ideal, and the rest's."""
+    if any("matmul_ms_per_step" not in profile.get(phase, {}) for phase in step_ms):
+        return {}
+    split = {phase: {"step_ms": ms, "matmul_ms": profile[phase]["matmul_ms_per_step"],
+                     "rest_ms": ms - profile[phase]["matmul_ms_per_step"]} for phase, ms in step_ms.items()}
+    dense, low_rank = split["dense"], split["low_rank"]
+    return {"step_split": split, "matmul_share_of_dense_step": dense["matmul_ms"] / dense["step_ms"],
+            "matmul_speedup": dense["matmul_ms"] / low_rank["matmul_ms"],
+            "matmul_fraction_of_ideal": dense["matmul_ms"] / low_rank["matmul_ms"] / ideal,
+            "rest_speedup": dense["rest_ms"] / low_rank["rest_ms"]}
 
 
 def spread(times: list[float]) -> float:

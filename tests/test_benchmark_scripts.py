@@ -1,10 +1,12 @@
 """Benchmark scripts end to end on tiny inputs: pretrained_rank_rules.py (one candidate at one fraction, then
-collect), inference.py (a tiny BERT, eager), switch_cost.py and step_time.py (a tiny BERT, eager and compiled)."""
+collect), inference.py (a tiny BERT, eager), rank_multiple.py (one shape), switch_cost.py and step_time.py (a tiny
+BERT, eager and compiled)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -80,15 +82,39 @@ def test_glue_minilm_comparison_lists_each_seed_in_the_order_of_its_seeds():
     assert "| 0.75 |" in driver.markdown(driver.compare(runs))
 
 
+def test_rank_multiple_smoke(tmp_path):
+    result = load_driver("rank_multiple").main(["--shapes", "1", "--tokens", "64", "--repeats", "2",
+                                                "--output", str(tmp_path / "rank_multiple.json")])
+    rows = result["rows"]  # BERT-base's 768x768 attention matrix, base rank 192
+    assert [row["multiple"] for row in rows] == [8, 16, 64] and rows[0]["ranks"] == [193, 195, 197, 199]
+    assert rows[0]["rounded"] == [200] * 4 and rows[2]["rounded"] == [256] * 4
+    gains = [u / r for u, r in zip(rows[1]["unaligned_ms"], rows[1]["rounded_ms"])]
+    assert rows[1]["speedup_of_rounding"] == pytest.approx(math.exp(sum(map(math.log, gains)) / 4))
+    assert result["pays"] == [m for m, s in result["speedup_of_rounding"].items() if s > 1]
+    assert "| bert-base attn 768x768 | 64 | 193->256" in (tmp_path / "rank_multiple.md").read_text()
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_step_time_smoke(tmp_path, compiled):
     output = tmp_path / "step_time.json"
     flags = ["--compile"] if compiled else []
-    record = load_driver("step_time").main(["--model", "tiny-bert", "--steps", "10", "--batch-size", "4",
+    record = load_driver("step_time").main(["--model", "tiny-bert", "--steps", "20", "--batch-size", "4",
                                             "--output", str(output), *flags])
-    assert record["switch_step"] == 4 and record["compiled"] is compiled and record["optimizer"] == "adamw_torch"
-    assert record["params_after"] < record["params_before"] and record["step_speedup"] > 0
     ideal = record["targeted_layers_flop_ideal_speedup"]
+    assert record["switch_step"] == 8 and record["compiled"] is compiled and record["optimizer"] == "adamw_torch"
+    # the timed steps: after 3 warm-up steps on each side of the switch, less the 3 profiled ones (4-6, 16-18)
+    assert record["timed_steps"] == {"dense": 2, "low_rank": 6}
+    dense_profile, low_rank_profile = record["step_profile"]["dense"], record["step_profile"]["low_rank"]
+    assert dense_profile["matmul_ms_per_step"] > 0 and low_rank_profile["matmul_ms_per_step"] > 0
+    assert record["matmul_speedup"] == pytest.approx(dense_profile["matmul_ms_per_step"] /
+                                                     low_rank_profile["matmul_ms_per_step"])
+    split = record["step_split"]
+    assert split["dense"]["matmul_ms"] == dense_profile["matmul_ms_per_step"]
+    assert split["dense"]["step_ms"] == pytest.approx(1000 * record["dense_step_s"])
+    assert all(phase["matmul_ms"] + phase["rest_ms"] == pytest.approx(phase["step_ms"]) for phase in split.values())
+    assert 0 < record["matmul_share_of_dense_step"] < 1
+    assert record["rest_speedup"] == pytest.approx(split["dense"]["rest_ms"] / split["low_rank"]["rest_ms"])
+    assert record["params_after"] < record["params_before"] and record["step_speedup"] > 0
     assert record["fraction_of_ideal"] == pytest.approx(record["step_speedup"] / ideal)
     assert (record["compiled_graphs_low_rank"] >= 1) is compiled
     assert json.loads(output.read_text())["command"].startswith("python benchmarks/step_time.py --model tiny-bert")
