@@ -58,16 +58,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "speedup": timing.speedup, "flop_ideal_speedup": ideal,
                          "fraction_of_ideal": timing.speedup / ideal})
     result = {"device": str(device), "dtype": args.dtype, "rows": rows, "machine": machine(device)}
-    stem = f"layer_speed_{device.type}_{args.dtype}"
-    output = args.output or os.path.join(os.path.dirname(__file__), "results", f"{stem}.json")
+    write_results(args.output or os.path.join(os.path.dirname(__file__), "results",
+                                              f"layer_speed_{device.type}_{args.dtype}.json"), result, markdown(rows))
+    return rows
+
+
+def write_results(output: str, result: dict, table: str) -> None:
+    """The JSON at ``output``, the markdown table beside it (``.md``), and the table printed."""
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
-    table = markdown(rows)
     with open(output.removesuffix(".json") + ".md", "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
     print(table)
-    return rows
 
 
 def markdown(rows: list[dict]) -> str:

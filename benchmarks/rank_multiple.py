@@ -14,7 +14,6 @@ unaligned one: the geometric mean of ``time(rank) / time(rounded)`` above 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ from cuttlefish_hf.profiling import profile_layers
 from cuttlefish_hf.rank_rules import round_rank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_speed import DTYPES, SHAPES, machine  # noqa: E402  (the same shapes as the layer speed grid)
+from layer_speed import DTYPES, SHAPES, machine, write_results  # noqa: E402  (the same shapes as the layer speed grid)
 
 MULTIPLES = (8, 16, 64)
 OFFSETS = (1, 3, 5, 7)
@@ -80,15 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
               "speedup_of_rounding": verdict, "pays": [m for m, speedup in verdict.items() if speedup > 1],
               "machine": machine(device),
               "command": "python benchmarks/rank_multiple.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    output = args.output or os.path.join(os.path.dirname(__file__), "results",
-                                         f"rank_multiple_{device.type}_{args.dtype}.json")
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    table = markdown(result)
-    with open(output.removesuffix(".json") + ".md", "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    print(table)
+    write_results(args.output or os.path.join(os.path.dirname(__file__), "results",
+                                              f"rank_multiple_{device.type}_{args.dtype}.json"), result,
+                  markdown(result))
     return result
 
 
