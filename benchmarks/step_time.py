@@ -134,8 +134,8 @@ def build(model_name: str, batch: int):
                 logits = self.inner(pixel_values.float() / 255)
                 return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
-        data = [{"pixel_values": torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8), "labels": torch.tensor(i % 10)}
-                for i in range(batch * 4)]
+        data = [{"pixel_values": torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8),
+                 "labels": torch.tensor(i % 10)} for i in range(batch * 4)]
         return Wrapper(model), data, batch * 197
     raise ValueError(f"unknown --model {model_name!r}; choose one of {', '.join(MODELS)}")
 

@@ -166,8 +166,9 @@ class ProfileReport:
                   f"or a timer that does not see the device's work)" if self.faults else "")
         return "\n".join([
             render_table(header, rows, align="lrrrrrrrrl"),
-            (f"forward+backward on {self.device} in {self.dtype}{', compiled' if self.compiled else ''}; a layer is factorized when it takes at most "
-             f"{1 - self.margin:.0%} of the dense time (margin {self.margin:g}){faults}"),
+            (f"forward+backward on {self.device} in {self.dtype}{', compiled' if self.compiled else ''}; a layer is "
+             f"factorized when it takes at most {1 - self.margin:.0%} of the dense time (margin {self.margin:g})"
+             f"{faults}"),
             (f"keep dense: {len(self.keep_dense)} of {len(self.layers)} layers; profiling took {self.seconds:.2f}s "
              f"({self.measured} layers timed, {self.cached} from the cache)")])
 
