@@ -12,6 +12,9 @@ from test_trainer_callback import FAST, step_losses, training_args
 from torch._dynamo import register_backend
 
 from cuttlefish_hf import Cuttlefish, CuttlefishCallback, CuttlefishConfig, CuttlefishTrainer, factorized_plan
+from cuttlefish_hf import controller as controller_module
+from cuttlefish_hf.layers import FactorizedLayer
+from cuttlefish_hf.profiling import profile_layers
 
 # Pretrained-weights path on a tiny model: input statistics recorded at step 1 and in the steps before the
 # fixed switch (step 8 of 32), hooks added and removed around a compiled model.
@@ -128,3 +131,24 @@ def test_compiled_loop_runs_one_graph_per_step_outside_the_recording_and_matches
     with caplog.at_level("INFO", logger="cuttlefish_hf"):
         controller.report_speed()
     assert "torch.compile compiled 1 graph(s) since the switch" in caplog.text
+
+
+def test_a_compiled_run_profiles_its_layers_compiled_and_then_runs_the_factorized_graph(tmp_path, monkeypatch):
+    # skip_first_blocks="auto" times the layers at the switch: compiled in a compiled run, which then drops
+    # torch.compile's caches; the run goes on with one factorized graph and the eager run's plan and losses.
+    seen = []
+
+    def profile(*args, **kwargs):  # deterministic timings: every factorized layer twice as fast
+        seen.append(kwargs["compiled"])
+        return profile_layers(*args, **kwargs, cache={},
+                              timer=lambda run, module: 0.5 if isinstance(module, FactorizedLayer) else 1.0)
+
+    monkeypatch.setattr(controller_module, "profile_layers", profile)
+    config = {**FAST, "skip_first_blocks": "auto"}
+    eager, eager_controller = train(tmp_path / "eager", config, None)
+    trainer, controller = train(tmp_path / "compiled", config, "args:aot_eager")
+    assert seen == [False, True] and controller.profile_report.compiled
+    assert controller.report.plan == eager_controller.report.plan and len(controller.report.plan) == 12
+    losses, eager_losses = step_losses(trainer), step_losses(eager)
+    assert max(abs(losses[s] - eager_losses[s]) for s in losses) < 1e-4
+    assert controller.summary()["compiled_graphs_low_rank"] == 1
