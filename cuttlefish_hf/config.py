@@ -208,7 +208,7 @@ class CuttlefishConfig:
     rank_multiple: int = field(default=1, metadata={"help": (
         "Round each rule-chosen rank up to a multiple of this, unless rounding up would make the layer save no "
         "parameters; rank_pattern ranks are kept as given. On a 2-core CPU in fp32, 8 made factorized BERT/DeiT "
-        "layers 1.08x faster for 2-3% more parameters, 64 slower (benchmarks/rank_multiple.py: measure on your "
+        "layers 1.08x faster for 1.02-1.03x the parameters, 64 slower (benchmarks/rank_multiple.py: measure on your "
         "device and dtype).")})
     measure_every_steps: int | None = field(default=None, metadata={"help": (
         "Measure stable ranks every N optimizer steps; None measures once per epoch.")})
