@@ -3,8 +3,8 @@
 # steps before/after the switch in bf16 with the fused AdamW, torch.compile'd (BERT-base seq 128, DeiT-base, and
 # BERT-large as the wider model) and eager (BERT-base, DeiT-base), device busy time and kernels per step;
 # inference of BERT-base factorized against dense, eager and compiled; the layer speed grid; whether rounding ranks
-# to multiples of 8/16/64 pays (rank_multiple's default). Each compiled run
-# compiles twice (dense, then the factorized model), most of its time.
+# to multiples of 8/16/64 pays (rank_multiple's default). Each compiled run compiles twice (dense, then the
+# factorized model), most of its time.
 # Results: one JSON per check named after the card, step_time.md refreshed, gpu_check_<card>.json with all.
 #   bash benchmarks/gpu_check.sh                      # writes to benchmarks/results/
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh     # somewhere else

@@ -237,6 +237,7 @@ def test_compiled_profile_runs_each_distinct_layer_through_torch_compile_then_dr
     report = profile_layers(model, {"0.0": 4, "1.0": 4}, timer=timer, warmup=1, repeats=1, cache={}, compiled=True)
     # The dense and the factorized layer each compiled once; the second, equal block came from the cache.
     assert graphs_compiled() == before_anything + 3 and report.compiled and (report.measured, report.cached) == (1, 1)
+    assert runs[0] == 2 * 4  # each profile: (1 warm-up + 1 timed) x (dense, factorized), every run really run
     assert "on cpu in float32, compiled;" in str(report) and report.keep_dense == []
     # Its graphs were dropped afterwards: what was compiled before re-traces once on its next call.
     compiled_elsewhere(torch.ones(2))
