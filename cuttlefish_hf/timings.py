@@ -65,6 +65,10 @@ def _slowness_causes(report: FactorizationReport, low_rank_seconds: float, on_gp
     if fractions[len(fractions) // 2] < 1 / 8:
         causes.append(f"thin ranks (median rank {fractions[len(fractions) // 2]:.2f}x the full rank: products "
                       "this thin run far below the device's peak)")
+    unaligned = sum(layer.rank % 8 != 0 for layer in report.layers)
+    if 2 * unaligned > len(report.layers):
+        causes.append(f"unaligned ranks ({unaligned} of {len(report.layers)} not a multiple of 8: rank_multiple=8 "
+                      "rounds them up, which ran factorized layers 1.08x faster on a CPU for 2-3% more parameters)")
     causes.append("too little work per matrix product (small batch x sequence length): skip_first_blocks='auto' "
                   "times each layer and keeps dense the ones factorizing does not speed up")
     return causes

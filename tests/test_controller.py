@@ -219,11 +219,11 @@ def test_a_switch_that_factorizes_nothing_leaves_the_optimizer_alone():
 
 
 # -- did it pay? -----------------------------------------------------------------------------------------------------
-def timed_run(seconds_dense: float, seconds_low_rank: float, caplog, monkeypatch) -> Cuttlefish:
+def timed_run(seconds_dense: float, seconds_low_rank: float, caplog, monkeypatch, **config) -> Cuttlefish:
     """A Pufferfish run whose steps take the given seconds (on a fake clock) before and after its switch."""
     from cuttlefish_hf.controller import SPEED_REPORT_STEPS
 
-    controller = Cuttlefish(tiny_bert(), CuttlefishConfig(mode="pufferfish", fixed_warmup_fraction=0.2),
+    controller = Cuttlefish(tiny_bert(), CuttlefishConfig(mode="pufferfish", fixed_warmup_fraction=0.2, **config),
                             total_steps=100)
     clock = {"now": 0.0}
     monkeypatch.setattr("cuttlefish_hf.controller.time.perf_counter", lambda: clock["now"])
@@ -247,4 +247,13 @@ def test_a_slower_low_rank_phase_is_a_warning_naming_likely_causes(caplog, monke
     timed_run(0.2, 0.25, caplog, monkeypatch)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "SLOWER" in r.getMessage()]
     assert len(warnings) == 1 and "0.80x, SLOWER than dense" in warnings[0]
-    assert "skip_first_blocks='auto'" in warnings[0]
+    assert "skip_first_blocks='auto'" in warnings[0] and "unaligned ranks" not in warnings[0]  # ranks 8 and 16
+
+
+def test_a_slower_run_with_unaligned_ranks_names_rank_multiple(caplog, monkeypatch):
+    controller = timed_run(0.2, 0.25, caplog, monkeypatch, rank_ratio=0.3)
+    ranks = {layer.rank for layer in controller.report.layers}
+    assert ranks and all(rank % 8 for rank in ranks)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "SLOWER" in r.getMessage()]
+    assert f"unaligned ranks ({len(controller.report.layers)} of {len(controller.report.layers)} not a multiple " \
+           "of 8: rank_multiple=8" in warnings[0]
