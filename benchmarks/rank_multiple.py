@@ -50,29 +50,25 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.tokens or (2048 if device.type == "cpu" else 16384)
     shapes = SHAPES[:args.shapes]
     layers = nn.ModuleDict({str(i): nn.Linear(n, m) for i, (_, m, n) in enumerate(shapes)})
-    wanted = {}  # (layer, rank) -> None, in order: every unaligned rank and its roundings
-    for i, (_, m, n) in enumerate(shapes):
-        for offset in OFFSETS:
-            rank = base_rank(m, n) + offset
-            for multiple in (1, *MULTIPLES):
-                wanted[(str(i), round_rank(rank, multiple, m, n))] = None
+    pairs = {(i, multiple): [(base_rank(m, n) + offset, round_rank(base_rank(m, n) + offset, multiple, m, n))
+                             for offset in OFFSETS]
+             for i, (_, m, n) in enumerate(shapes) for multiple in MULTIPLES}  # (unaligned rank, rounded)
+    wanted = dict.fromkeys((str(i), rank) for (i, _), ranks in pairs.items() for pair in ranks for rank in pair)
     factorized_ms = {}
     for layer, rank in wanted:  # one rank per call: profile_layers times each layer once per call
         report = profile_layers(layers, {layer: rank}, tokens_per_batch=tokens, dtype=DTYPES[args.dtype],
                                 device=device, repeats=args.repeats, cache={})
         factorized_ms[(layer, rank)] = report.layers[0].factorized_ms
     rows = []
-    for i, (label, m, n) in enumerate(shapes):
-        for multiple in MULTIPLES:
-            pairs = [(base_rank(m, n) + offset, round_rank(base_rank(m, n) + offset, multiple, m, n))
-                     for offset in OFFSETS]
-            gains = [factorized_ms[(str(i), rank)] / factorized_ms[(str(i), rounded)] for rank, rounded in pairs]
-            rows.append({"layer": label, "multiple": multiple, "ranks": [rank for rank, _ in pairs],
-                         "rounded": [rounded for _, rounded in pairs],
-                         "unaligned_ms": [factorized_ms[(str(i), rank)] for rank, _ in pairs],
-                         "rounded_ms": [factorized_ms[(str(i), rounded)] for _, rounded in pairs],
-                         "speedup_of_rounding": geometric_mean(gains),
-                         "extra_parameters": geometric_mean([rounded / rank for rank, rounded in pairs]) - 1})
+    for (i, multiple), ranks in pairs.items():
+        label = shapes[i][0]
+        gains = [factorized_ms[(str(i), rank)] / factorized_ms[(str(i), rounded)] for rank, rounded in ranks]
+        rows.append({"layer": label, "multiple": multiple, "ranks": [rank for rank, _ in ranks],
+                     "rounded": [rounded for _, rounded in ranks],
+                     "unaligned_ms": [factorized_ms[(str(i), rank)] for rank, _ in ranks],
+                     "rounded_ms": [factorized_ms[(str(i), rounded)] for _, rounded in ranks],
+                     "speedup_of_rounding": geometric_mean(gains),
+                     "extra_parameters": geometric_mean([rounded / rank for rank, rounded in ranks]) - 1})
     verdict = {multiple: geometric_mean([r["speedup_of_rounding"] for r in rows if r["multiple"] == multiple])
                for multiple in MULTIPLES}
     result = {"device": str(device), "dtype": args.dtype, "tokens": tokens, "rows": rows,
